@@ -1,0 +1,21 @@
+"""Session fixtures: small models trained once per test session (seconds each)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def fm_smoke_zoo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """The Fashion-MNIST smoke zoo (one clean, one trojaned model), built once."""
+    from scanner.zoo import build_zoo
+
+    out = tmp_path_factory.mktemp("zoo-fm-smoke")
+    return out, build_zoo("fashion-mnist", "smoke", out)
