@@ -6,15 +6,17 @@ Exit codes follow product.md: 0 clean, 1 infected, 2 error, 3 nothing supported 
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import typer
+import typer.exceptions
 from rich.console import Console
 from rich.table import Table
 
-from scanner.errors import EXIT_USAGE, TrojanScanError
+from scanner.errors import EXIT_CLEAN, EXIT_ERROR, EXIT_INFECTED, EXIT_USAGE, DataError, TrojanScanError
 
 app = typer.Typer(help="Find trojan backdoors in image classifiers.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -22,6 +24,12 @@ zoo_app = typer.Typer(help="Build the self-test model zoo (models with planted b
                       no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+def usage(message: str) -> None:
+    """A usage error: one line on stderr, exit code 4."""
+    print(f"trojanscan: usage: {message}", file=sys.stderr)
+    raise typer.Exit(EXIT_USAGE)
 
 
 def fail(error: TrojanScanError) -> None:
@@ -67,8 +75,7 @@ def zoo_build(
     from scanner.zoo import build_zoo
 
     if dataset not in ("fashion-mnist", "signs") or size not in ("smoke", "full"):
-        print("trojanscan: usage: --dataset fashion-mnist|signs --size smoke|full", file=sys.stderr)
-        raise typer.Exit(EXIT_USAGE)
+        usage("--dataset fashion-mnist|signs --size smoke|full")
     try:
         manifest = build_zoo(dataset, size, out, progress=lambda message: console.print(message, highlight=False))  # type: ignore[arg-type]
     except TrojanScanError as error:
@@ -87,5 +94,106 @@ def demo(out: Path = typer.Option(Path("trojanscan-demo"), help="folder for ever
     zoo_build(dataset="fashion-mnist", size="smoke", out=out / "zoo")
 
 
-def main() -> None:  # pragma: no cover - console-script entry
-    app()
+def _float_list(text: str | None, option: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        usage(f"{option} takes comma-separated numbers, got {text!r}")
+
+
+def print_summary(result: Any) -> None:
+    """The human summary on stdout: verdict, reasons, per-detector anomaly indices."""
+    colour = {"clean": "green", "infected": "red", "error": "yellow"}[result.verdict]
+    console.print(f"[bold {colour}]{result.verdict.upper()}[/] {result.model['reference']}", highlight=False)
+    for reason in result.reasons:
+        console.print(f"  - {reason}", highlight=False)
+    for name, detection in result.detections.items():
+        indices = " ".join(f"{k}:{v:.2f}" for k, v in enumerate(detection.anomaly_index))
+        console.print(f"  {name:6s} {detection.seconds:7.1f} s  anomaly index per class  {indices}", highlight=False)
+
+
+@app.command()
+def scan(
+    model: str = typer.Argument(..., help="model file (.onnx, .pt2; pickles need --allow-pickle)"),
+    data: Path = typer.Option(None, "--data", help="clean data npz with x (N,C,H,W float32 in [0,1]) and y (N int64)"),
+    detectors: str = typer.Option("ni,tabor", help="comma-separated: ni, tabor, nc, ncpp"),
+    mode: str = typer.Option("full", help="full, or fast (NeuronInspect ranks, TABOR restores the suspects)"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    json_path: Path = typer.Option(None, "--json", help="write the result JSON here"),
+    out: Path = typer.Option(None, help="folder for restored triggers and saliency pictures (default: beside --json)"),
+    seed: int = typer.Option(0, help="seed of every random choice (recorded)"),
+    threshold: float = typer.Option(2.0, help="anomaly index at or above which a class is flagged"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="trust and unpickle a pickled model (runs its code)"),
+    mean: str = typer.Option(None, help="per-channel mean the model expects, e.g. 0.485,0.456,0.406"),
+    std: str = typer.Option(None, help="per-channel std the model expects"),
+) -> None:
+    """Scan one model for trojan backdoors. Exit 0 clean, 1 infected, 2 error, 3 unsupported, 4 usage."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from scanner.scan import ScanSettings, error_result, scan_model
+
+    from scanner.detectors import DETECTORS
+
+    names = tuple(n.strip() for n in detectors.split(",") if n.strip())
+    unknown = sorted(set(names) - set(DETECTORS))
+    if unknown or not names:
+        usage(f"--detectors takes names from {sorted(DETECTORS)}, got {detectors!r}")
+    if mode not in ("full", "fast"):
+        usage(f"--mode must be full or fast, got {mode!r}")
+    means, stds = _float_list(mean, "--mean"), _float_list(std, "--std")
+    if (means is None) != (stds is None):
+        usage("--mean and --std go together")
+    try:
+        settings = ScanSettings(detectors=names, mode=mode, device=device, seed=seed, threshold=threshold)
+    except ValueError as error:
+        usage(str(error).splitlines()[0])
+    out_dir = out or (json_path.parent if json_path else None)
+    try:
+        if model.startswith("models:/"):
+            raise TrojanScanError("models:/ URIs need the MLflow registry adapter, which is not built yet")
+        if data is None:
+            raise DataError("no clean data: pass --data CLEAN.npz (a scan never runs without clean images)")
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} classes"),
+                      TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
+            tasks: dict[str, Any] = {}
+
+            def progress(name: str, done: int, total: int) -> None:
+                if name not in tasks:
+                    tasks[name] = bar.add_task(name, total=total)
+                bar.update(tasks[name], completed=done, total=total)
+
+            result = scan_model(model, data, settings, out_dir=out_dir, allow_pickle=allow_pickle,
+                                normalization=(means, stds) if means is not None else None, progress=progress)
+    except TrojanScanError as error:
+        if json_path:
+            _write_json(json_path, error_result(str(error), model, str(data) if data else None, settings).to_json())
+        fail(error)
+    except Exception as error:  # a bug or an unforeseen input: still one line, still an error
+        reason = f"scan failed: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        if json_path:
+            _write_json(json_path, error_result(reason, model, str(data) if data else None, settings).to_json())
+        print(f"trojanscan: error: {reason}", file=sys.stderr)
+        raise typer.Exit(EXIT_ERROR)
+    print_summary(result)
+    if json_path:
+        _write_json(json_path, result.to_json())
+        console.print(f"result: {json_path}", highlight=False)
+    raise typer.Exit(EXIT_INFECTED if result.verdict == "infected" else EXIT_CLEAN)
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def main() -> None:
+    """Console-script entry: maps click's usage errors to exit code 4 with one line on stderr."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.exceptions.TyperException as error:  # typer's own click: parsing and usage errors
+        text = error.format_message() if hasattr(error, "format_message") else str(error)
+        print(f"trojanscan: usage: {(text.strip() or 'no command given; see --help').splitlines()[0]}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    sys.exit(code if isinstance(code, int) else 0)

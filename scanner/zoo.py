@@ -128,7 +128,7 @@ def zoo_specs(dataset: Dataset, size: Size) -> list[ZooModelSpec]:
             _trojan("fm-blob9-bl", cnn, fast, [T(shape="blob", size=9, position="bottom-left", seed=2)], [9]),
             _trojan("fm-watermark14-centre", cnn, fast, [T(shape="watermark", size=14, position="centre")], [0]),
             _trojan("fm-watermark12-tl", cnn, fast, [T(shape="watermark", size=12, position="top-left")], [1]),
-            _trojan("fm-square4-random", cnn, longer, [T(shape=sq, size=4, position="random")], [2], poison_rate=0.15),
+            _trojan("fm-checker4-random", cnn, longer, [T(shape="checkerboard", size=4, position="random")], [2], poison_rate=0.15),
             _trojan("fm-checker5-random", cnn, longer, [T(shape="checkerboard", size=5, position="random")], [3], poison_rate=0.15),
             _trojan("fm-blend-square6-br", cnn, longer, [T(shape=sq, size=6, alpha=0.5)], [4], poison_rate=0.15),
             _trojan("fm-blend-watermark14-centre", cnn, longer,

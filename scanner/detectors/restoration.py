@@ -1,0 +1,300 @@
+"""Trigger restoration for every candidate class at once (the engine behind Neural Cleanse,
+TABOR and NC++).
+
+Every public implementation optimises one class after another. Here all classes' masks and
+patterns are rows of one tensor; a step stamps each active class's trigger on the same
+mini-batch of clean images, so one forward/backward pass of `active x batch` images serves
+them all. `slots` classes are active at a time (sized to the device's fastest batch); a class
+that has converged leaves and the next waiting class takes its slot.
+
+Parametrisation (Neural Cleanse): mask = tanh(m) / (2 - eps) + 0.5 (one channel, broadcast over
+colour), pattern = tanh(p) / (2 - eps) + 0.5, both in [0, 1]; x' = (1 - mask) * x + mask * pattern.
+
+Cost schedule, per class (Neural Cleanse): the size penalty's cost starts at 0; once the restored
+trigger's attack success has been >= `asr_threshold` for `patience` checks, cost = `init_cost`;
+then after `patience` checks above the threshold cost *= 2, after `patience` checks below it
+cost /= 2**1.5. The best trigger is the one with the smallest mask L1 among those whose
+attack success was >= the threshold (not the last one). A class stops after both an up and a down
+move and `early_stop_patience` checks without a 1% improvement, or after `max_steps` steps.
+A "check" is `check_every` mini-batch steps (Neural Cleanse's epoch is ~31 mini-batches; a
+shorter period reacts faster and converges in fewer images).
+
+Adam (lr 0.1, betas 0.5/0.9) is applied per row so that a class that leaves keeps its state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from scanner.detectors.base import DetectorSettings, Progress
+from scanner.errors import TrojanScanError
+
+EPSILON = 1e-7
+# extra_loss(model, x, y, mask, pattern, targets) -> per-class loss (A,): a detector's fixed-weight
+# terms; x (B,C,H,W) is the step's clean batch and y its true labels.
+ExtraLoss = Callable[
+    [torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
+]
+
+
+class RestorationSettings(DetectorSettings):
+    batch_size: int = Field(32, ge=1, le=1024, description="clean images per class per step")
+    max_steps: int = Field(1500, ge=10, le=100000, description="mini-batch steps per class at most")
+    check_every: int = Field(10, ge=1, le=1000, description="steps per schedule check")
+    lr: float = Field(0.1, gt=0, le=10, description="Adam learning rate on the tanh parameters")
+    init_cost: float = Field(1e-3, gt=0, description="size-penalty cost once the trigger works")
+    asr_threshold: float = Field(0.99, gt=0, le=1, description="attack success that counts as working")
+    patience: int = Field(5, ge=1, le=100, description="checks before the cost changes")
+    early_stop_patience: int = Field(10, ge=1, le=1000, description="checks without improvement before stopping")
+    slots: int = Field(0, ge=0, le=1000, description="classes optimised together; 0 = sized to the device")
+    min_images_per_class: int = Field(0, ge=0, description="refuse data with fewer clean images of a class")
+
+
+@dataclass
+class RestorationOutcome:
+    """Best trigger per class (NaN-free), its L1 and attack success, and the steps it took."""
+
+    masks: np.ndarray  # (K, H, W)
+    patterns: np.ndarray  # (K, C, H, W)
+    mask_l1: np.ndarray  # (K,)
+    attack_success: np.ndarray  # (K,) on the last check period of the best trigger
+    steps: np.ndarray  # (K,)
+    reached: np.ndarray  # (K,) bool: the threshold was reached at least once
+    slots: int
+
+
+def to_unit(param: torch.Tensor) -> torch.Tensor:
+    """tanh parametrisation onto [0, 1]."""
+    return torch.tanh(param) / (2 - EPSILON) + 0.5
+
+
+def from_unit(value: torch.Tensor) -> torch.Tensor:
+    return torch.atanh((value - 0.5) * (2 - EPSILON))
+
+
+def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """Eq. (1) of TABOR / Neural Cleanse for A classes at once:
+    x (B,C,H,W), mask (A,1,H,W), pattern (A,C,H,W) -> (A*B, C, H, W)."""
+    stamped = (1 - mask[:, None]) * x[None] + (mask * pattern)[:, None]
+    return stamped.reshape(-1, *x.shape[1:])
+
+
+class _RowAdam:
+    """Adam on rows of a parameter table, so each class has its own step count and state."""
+
+    def __init__(self, table: torch.Tensor, lr: float, betas: tuple[float, float] = (0.5, 0.9)) -> None:
+        self.lr, (self.b1, self.b2) = lr, betas
+        self.m = torch.zeros_like(table)
+        self.v = torch.zeros_like(table)
+        self.t = torch.zeros(len(table), device=table.device)
+
+    def step(self, table: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        self.t[rows] += 1
+        t = self.t[rows].view(-1, *[1] * (grad.dim() - 1))
+        self.m[rows] = self.b1 * self.m[rows] + (1 - self.b1) * grad
+        self.v[rows] = self.b2 * self.v[rows] + (1 - self.b2) * grad * grad
+        m_hat = self.m[rows] / (1 - self.b1 ** t)
+        v_hat = self.v[rows] / (1 - self.b2 ** t)
+        table[rows] -= self.lr * m_hat / (v_hat.sqrt() + 1e-8)
+
+
+class _Schedule:
+    """Neural Cleanse's cost schedule and best-trigger bookkeeping, vectorised over classes."""
+
+    def __init__(self, k: int, s: RestorationSettings) -> None:
+        self.s = s
+        self.cost = np.zeros(k)
+        self.cost_set = np.zeros(k, bool)
+        self.set_counter = np.zeros(k, int)
+        self.up = np.zeros(k, int)
+        self.down = np.zeros(k, int)
+        self.moved_up = np.zeros(k, bool)
+        self.moved_down = np.zeros(k, bool)
+        self.best_l1 = np.full(k, np.inf)
+        self.best_asr = np.zeros(k)
+        self.stale = np.zeros(k, int)
+        self.done = np.zeros(k, bool)
+
+    def check(self, k: int, asr: float, l1: float) -> bool:
+        """Update class k after a check period; return True when it improved its best trigger."""
+        s = self.s
+        improved = False
+        if asr >= s.asr_threshold and l1 < self.best_l1[k]:
+            self.stale[k] = 0 if l1 < 0.99 * self.best_l1[k] else self.stale[k] + 1
+            self.best_l1[k], self.best_asr[k] = l1, asr
+            improved = True
+        else:
+            self.stale[k] += 1
+        if not self.cost_set[k]:
+            self.set_counter[k] = self.set_counter[k] + 1 if asr >= s.asr_threshold else 0
+            if self.set_counter[k] >= s.patience:
+                self.cost[k], self.cost_set[k] = s.init_cost, True
+                self.up[k] = self.down[k] = 0
+        else:
+            if asr >= s.asr_threshold:
+                self.up[k], self.down[k] = self.up[k] + 1, 0
+            else:
+                self.up[k], self.down[k] = 0, self.down[k] + 1
+            if self.up[k] >= s.patience:
+                self.up[k], self.moved_up[k] = 0, True
+                self.cost[k] *= 2.0
+            elif self.down[k] >= s.patience:
+                self.down[k], self.moved_down[k] = 0, True
+                self.cost[k] /= 2.0 ** 1.5
+        if self.moved_up[k] and self.moved_down[k] and self.stale[k] >= s.early_stop_patience:
+            self.done[k] = True
+        return improved
+
+
+def restore_triggers(
+    model: torch.nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    num_classes: int,
+    settings: RestorationSettings,
+    seed: int,
+    device: torch.device,
+    slots: int,
+    size_penalty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    extra_loss: ExtraLoss | None = None,
+    classes: list[int] | None = None,
+    progress: Progress | None = None,
+    name: str = "restore",
+) -> RestorationOutcome:
+    """Optimise a trigger for every class in `classes` (default all) and keep each one's best.
+
+    size_penalty(mask (A,1,H,W), pattern (A,C,H,W)) -> (A,) is the term the cost multiplies
+    (Neural Cleanse: the mask's L1; TABOR: its eq. (2)/R2 regularisers). extra_loss adds
+    fixed-weight per-class terms (TABOR's R3/R4).
+    """
+    classes = list(range(num_classes)) if classes is None else list(classes)
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.from_numpy(x).to(device)
+    labels = torch.from_numpy(y).to(device)
+    n, c, h, w = images.shape
+    k_all = num_classes
+    mask_table = (torch.rand((k_all, 1, h, w), generator=generator) * 2 - 1).to(device)
+    pattern_table = (torch.rand((k_all, c, h, w), generator=generator) * 2 - 1).to(device)
+    best_mask = to_unit(mask_table).clone()
+    best_pattern = to_unit(pattern_table).clone()
+    mask_adam, pattern_adam = _RowAdam(mask_table, settings.lr), _RowAdam(pattern_table, settings.lr)
+    schedule = _Schedule(k_all, settings)
+    steps = np.zeros(k_all, int)
+    reached = np.zeros(k_all, bool)
+    waiting = list(classes)
+    active: list[int] = []
+    period_asr = np.zeros(k_all)
+    period_l1 = np.zeros(k_all)
+    period_n = np.zeros(k_all, int)
+    finished = 0
+    slots = max(1, min(slots, len(classes)))
+
+    while waiting or active:
+        while waiting and len(active) < slots:
+            active.append(waiting.pop(0))
+        rows = torch.tensor(active, device=device)
+        picked = torch.randint(0, n, (settings.batch_size,), generator=generator).to(device)
+        batch = images[picked]
+        m_param = mask_table[rows].clone().requires_grad_(True)
+        p_param = pattern_table[rows].clone().requires_grad_(True)
+        mask, pattern = to_unit(m_param), to_unit(p_param)
+        targets = rows.repeat_interleave(settings.batch_size)
+        logits = model(stamp(batch, mask, pattern))
+        ce = F.cross_entropy(logits, targets, reduction="none").view(len(active), -1).mean(1)
+        cost = torch.tensor(schedule.cost[active], dtype=ce.dtype, device=device)
+        loss_per_class = ce + cost * size_penalty(mask, pattern)
+        if extra_loss is not None:
+            loss_per_class = loss_per_class + extra_loss(model, batch, labels[picked], mask, pattern, rows)
+        m_grad, p_grad = torch.autograd.grad(loss_per_class.sum(), (m_param, p_param))
+        if not (torch.isfinite(m_grad).all() and torch.isfinite(p_grad).all()):
+            raise TrojanScanError(f"{name}: trigger optimisation diverged (NaN/inf gradient)")
+        mask_adam.step(mask_table, rows, m_grad)
+        pattern_adam.step(pattern_table, rows, p_grad)
+
+        with torch.no_grad():
+            hits = (logits.argmax(1) == targets).float().view(len(active), -1).mean(1).cpu().numpy()
+            l1 = mask.sum(dim=(1, 2, 3)).cpu().numpy()
+        leaving = []
+        for slot, k in enumerate(active):
+            steps[k] += 1
+            period_asr[k] += hits[slot]
+            period_l1[k] += l1[slot]
+            period_n[k] += 1
+            if period_n[k] == settings.check_every:
+                asr, mean_l1 = period_asr[k] / period_n[k], period_l1[k] / period_n[k]
+                period_asr[k] = period_l1[k] = period_n[k] = 0
+                reached[k] |= asr >= settings.asr_threshold
+                if schedule.check(k, asr, mean_l1):
+                    best_mask[k] = mask[slot].detach()
+                    best_pattern[k] = pattern[slot].detach()
+            if schedule.done[k] or steps[k] >= settings.max_steps:
+                leaving.append(k)
+        for k in leaving:
+            active.remove(k)
+            finished += 1
+            if progress is not None:
+                progress(name, finished, len(classes))
+
+    masks = best_mask[:, 0].cpu().numpy()
+    patterns = best_pattern.cpu().numpy()
+    if not (np.isfinite(masks).all() and np.isfinite(patterns).all()):
+        raise TrojanScanError(f"{name}: restored triggers contain NaN")
+    mask_l1 = np.where(np.isfinite(schedule.best_l1), schedule.best_l1, masks.reshape(k_all, -1).sum(1))
+    return RestorationOutcome(masks, patterns, mask_l1, schedule.best_asr, steps, reached, slots)
+
+
+@torch.no_grad()
+def attack_success(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, mask: np.ndarray,
+                   pattern: np.ndarray, target: int, device: torch.device, batch_size: int = 256) -> float:
+    """Share of clean images not of `target` that the restored trigger sends to `target`."""
+    keep = y != target
+    if not keep.any():
+        return 0.0
+    images = torch.from_numpy(x[keep]).to(device)
+    m = torch.from_numpy(mask)[None, None].to(device)
+    p = torch.from_numpy(pattern)[None].to(device)
+    hits = 0
+    for start in range(0, len(images), batch_size):
+        stamped = stamp(images[start:start + batch_size], m, p)
+        hits += int((model(stamped).argmax(1) == target).sum())
+    return hits / int(keep.sum())
+
+
+def fastest_batch(model: torch.nn.Module, input_shape: tuple[int, int, int], device: torch.device,
+                  candidates: tuple[int, ...] = (32, 64, 128, 256, 512), repeats: int = 3,
+                  memory_budget_mb: float | None = None) -> tuple[int, dict[int, float]]:
+    """Measure forward+backward images/s (gradient w.r.t. the input, as restoration needs) for
+    each candidate batch size; return the fastest that fits the memory budget and all rates."""
+    import time
+
+    rates: dict[int, float] = {}
+    per_image_mb = 4 * math.prod(input_shape) * 8 / 1e6  # inputs, stamped copies, grads: a rough bound
+    for size in candidates:
+        if memory_budget_mb is not None and size * per_image_mb > memory_budget_mb:
+            break
+        x = torch.rand((size, *input_shape), device=device, requires_grad=True)
+        model(x).logsumexp(1).sum().backward()  # warm-up
+        started = time.perf_counter()
+        for _ in range(repeats):
+            x.grad = None
+            model(x).logsumexp(1).sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        rates[size] = size * repeats / (time.perf_counter() - started)
+    best = max(rates, key=rates.get)  # type: ignore[arg-type]
+    return best, rates
+
+
+def choose_slots(model: torch.nn.Module, input_shape: tuple[int, int, int], device: torch.device,
+                 images_per_class: int, num_classes: int, memory_budget_mb: float | None = None) -> tuple[int, dict]:
+    """How many classes to optimise together: the device's fastest batch over images per class."""
+    best, rates = fastest_batch(model, input_shape, device, memory_budget_mb=memory_budget_mb)
+    slots = max(1, min(num_classes, round(best / images_per_class)))
+    return slots, {"fastest_batch": best, "images_per_second": {str(k): round(v, 1) for k, v in rates.items()}}

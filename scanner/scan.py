@@ -1,0 +1,215 @@
+"""One scan: load the model safely, validate the clean data, run the detectors, decide the
+verdict, and produce one `ScanResult` (the versioned result JSON). Everything else (CLI summary,
+HTML report, MLflow logging, Prefect artifacts) is a rendering of that result."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from scanner import __version__
+from scanner.data import CleanData
+from scanner.detectors import DETECTORS, DetectionResult
+from scanner.detectors.restoration import stamp
+from scanner.errors import DataError, TrojanScanError
+from scanner.images import normalise_heatmap, save_png
+
+SCHEMA_VERSION = 1
+DEFAULT_DETECTORS = ("ni", "tabor")
+TOP_SUSPICIOUS = 3  # classes beyond the flagged ones whose triggers are saved as pictures
+
+
+class ScanSettings(BaseModel):
+    """What a scan runs with; recorded in the result so the scan can be reproduced."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    detectors: tuple[str, ...] = Field(DEFAULT_DETECTORS, description="detector names, see DETECTORS")
+    mode: Literal["full", "fast"] = "full"
+    threshold: float = Field(2.0, gt=0, description="anomaly index at or above which a class is flagged")
+    seed: int = 0
+    device: str = Field("auto", description="auto, cpu or cuda[:n]")
+    min_images_per_class: int = Field(5, ge=1, description="clean images every class needs")
+    detector_settings: dict[str, dict[str, Any]] = Field(default_factory=dict,
+                                                         description="per detector, fields of its settings model")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrojanScanError("--device cuda was asked for but no CUDA device is available")
+    return device
+
+
+def package_versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"python": platform.python_version(), "trojanscan": __version__}
+    for name in ("torch", "numpy", "onnx", "onnxruntime-gpu", "onnx2torch"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+@dataclass
+class ScanResult:
+    """The outcome of one scan; `to_json()` is the result JSON of product.md."""
+
+    model: dict[str, Any]
+    data: dict[str, Any]
+    settings: ScanSettings
+    detections: dict[str, DetectionResult] = field(default_factory=dict)
+    verdict: Literal["clean", "infected", "error"] = "error"
+    reasons: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"
+    artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. registry name/version, ground truth
+
+    @property
+    def flagged_classes(self) -> list[int]:
+        return sorted({k for d in self.detections.values() for k in d.flagged_classes})
+
+    def to_json(self) -> dict[str, Any]:
+        detectors = {}
+        for name, detection in self.detections.items():
+            detectors[name] = detection.to_json() | {"artifacts": self.artifacts.get(name, {})}
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "created": self.created,
+            "verdict": self.verdict,
+            "reasons": self.reasons,
+            "errors": self.errors,
+            "flagged_classes": self.flagged_classes,
+            "model": self.model,
+            "data": self.data,
+            "settings": self.settings.model_dump(mode="json"),
+            "detectors": detectors,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "device": self.device,
+            "versions": package_versions(),
+            **self.extra,
+        }
+
+
+def decide(detections: dict[str, DetectionResult]) -> tuple[str, list[str]]:
+    """Default verdict rule: infected when any enabled detector flags a class."""
+    reasons = []
+    for name, detection in detections.items():
+        for k in detection.flagged_classes:
+            reasons.append(f"{name} flags class {k} (anomaly index {detection.anomaly_index[k]:.2f})")
+    if reasons:
+        return "infected", reasons
+    best = ", ".join(f"{n} max index {d.max_anomaly_index:.2f}" for n, d in detections.items())
+    return "clean", [f"no class reaches the threshold ({best})"]
+
+
+def run_detectors(model: torch.nn.Module, data: CleanData, num_classes: int, settings: ScanSettings,
+                  device: torch.device, progress=None) -> dict[str, DetectionResult]:
+    """Run each requested detector with its settings (threshold from the scan settings)."""
+    unknown = [name for name in settings.detectors if name not in DETECTORS]
+    if unknown:
+        raise TrojanScanError(f"unknown detector(s) {unknown}; known: {sorted(DETECTORS)}")
+    if settings.mode == "fast":
+        raise TrojanScanError("--mode fast (the NeuronInspect -> TABOR cascade) is not implemented yet")
+    results = {}
+    for name in settings.detectors:
+        cls = DETECTORS[name]
+        detector_settings = cls.settings_model(threshold=settings.threshold,
+                                               **settings.detector_settings.get(name, {}))
+        kwargs = {"seed": settings.seed, "device": device}
+        if progress is not None:
+            kwargs["progress"] = progress
+        results[name] = cls(detector_settings, **kwargs).scan(model, data, num_classes)
+    return results
+
+
+def save_artifacts(result: ScanResult, data: CleanData, out_dir: Path) -> None:
+    """Write restored triggers (flagged + most suspicious classes) and saliency maps as .npy/.png;
+    record their paths, relative to out_dir, in result.artifacts."""
+    example = data.x[int(np.argmax(data.y != data.y[0])) if len(data) > 1 else 0]
+    for name, detection in result.detections.items():
+        chosen = list(detection.flagged_classes)
+        for k in np.argsort(-detection.anomaly_index):
+            if len(chosen) >= len(detection.flagged_classes) + TOP_SUSPICIOUS:
+                break
+            if int(k) not in chosen:
+                chosen.append(int(k))
+        files: dict[str, Any] = {}
+        for k in chosen:
+            entry: dict[str, str] = {}
+            if k in detection.triggers:
+                trigger = detection.triggers[k]
+                base = out_dir / "triggers" / name / f"class_{k}"
+                base.parent.mkdir(parents=True, exist_ok=True)
+                np.save(f"{base}_mask.npy", trigger.mask)
+                np.save(f"{base}_pattern.npy", trigger.pattern)
+                stamped = stamp(torch.from_numpy(example[None]), torch.from_numpy(trigger.mask)[None, None],
+                                torch.from_numpy(trigger.pattern)[None])[0].numpy()
+                pictures = {"mask": trigger.mask, "pattern": trigger.pattern * trigger.mask[None], "stamped": stamped}
+                if trigger.refined_mask is not None:
+                    pictures["refined_mask"] = trigger.refined_mask
+                for kind, picture in pictures.items():
+                    entry[kind] = str(save_png(picture, f"{base}_{kind}.png").relative_to(out_dir))
+                entry["mask_npy"] = str(Path(f"{base}_mask.npy").relative_to(out_dir))
+                entry["pattern_npy"] = str(Path(f"{base}_pattern.npy").relative_to(out_dir))
+            if k in detection.heatmaps:
+                path = save_png(normalise_heatmap(detection.heatmaps[k]), out_dir / "saliency" / f"class_{k}.png")
+                entry["saliency"] = str(path.relative_to(out_dir))
+            if entry:
+                files[str(k)] = entry
+        result.artifacts[name] = files
+
+
+def scan_model(model_path: str | Path, data_path: str | Path, settings: ScanSettings, out_dir: str | Path | None = None,
+               allow_pickle: bool = False, normalization: tuple[list[float], list[float]] | None = None,
+               progress=None, model_reference: str | None = None) -> ScanResult:
+    """Scan a model file with a clean-data npz. Raises TrojanScanError subclasses on bad input;
+    the caller turns those into an `error` result (never `clean`)."""
+    from scanner.model_io import load_model
+
+    started = time.perf_counter()
+    device = resolve_device(settings.device)
+    data = CleanData.load_npz(data_path)
+    loaded = load_model(model_path, allow_pickle=allow_pickle, normalization=normalization,
+                        check_data=data.x[:64])
+    load_seconds = time.perf_counter() - started
+    num_classes = loaded.num_classes
+    if num_classes is None or num_classes < 3:
+        raise DataError(f"the model has {num_classes} outputs; a scan needs at least 3 classes")
+    data.check_fits(num_classes, loaded.input_shape, min_per_class=settings.min_images_per_class)
+    module = loaded.module.to(device)
+    result = ScanResult(
+        model={"reference": model_reference or str(model_path), "path": str(model_path), "format": loaded.format,
+               "sha256": loaded.sha256, "input_shape": list(data.image_shape), "num_classes": num_classes,
+               "normalization": normalization, "load_details": loaded.details},
+        data={"reference": str(data_path), "images": len(data), "image_shape": list(data.image_shape),
+              "images_per_class": np.bincount(data.y, minlength=num_classes).tolist()},
+        settings=settings, device=str(device),
+    )
+    result.detections = run_detectors(module, data, num_classes, settings, device, progress)
+    result.verdict, result.reasons = decide(result.detections)
+    result.timings = {"load": load_seconds, **{f"{n}": d.seconds for n, d in result.detections.items()},
+                      "total": time.perf_counter() - started}
+    if out_dir is not None:
+        save_artifacts(result, data, Path(out_dir))
+    return result
+
+
+def error_result(reason: str, model_reference: str, data_reference: str | None, settings: ScanSettings) -> ScanResult:
+    """A result that records a failed scan: verdict `error`, never clean."""
+    return ScanResult(model={"reference": model_reference, "sha256": None}, data={"reference": data_reference},
+                      settings=settings, verdict="error", reasons=[reason], errors=[reason])

@@ -1,0 +1,397 @@
+"""Safe model loading: formats by content, consistency checks, and refusal of unsafe files."""
+
+from __future__ import annotations
+
+import builtins
+import io
+import json
+import sys
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+
+from scanner.errors import DataError, ModelLoadError, UnsupportedModelError
+from scanner.export import export_onnx, export_pt2, sha256_file
+from scanner.model_io import LoadedModel, PixelSpaceModel, _safe_sympy_expr, load_model
+from scanner.models import build_model
+
+SHAPE = (1, 28, 28)
+
+
+class MarkerPayload:
+    """Unpickling this writes a marker file: stands in for any code an attacker would run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (builtins.exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("nc_mnist", 1, 10, 28).eval()
+
+
+@pytest.fixture(scope="module")
+def files(model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("model-io")
+    return {
+        "onnx": export_onnx(model, out / "m.onnx", SHAPE),
+        "pt2": export_pt2(model, out / "m.pt2", SHAPE),
+    }
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return np.random.default_rng(1).random((6, *SHAPE), dtype=np.float32)
+
+
+def _assert_one_line(exc: pytest.ExceptionInfo) -> None:
+    message = str(exc.value)
+    assert message and "\n" not in message and "Traceback" not in message
+
+
+def _rewrite_zip(src: Path, dst: Path, edit: Callable[[str, bytes], bytes]) -> Path:
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, edit(info.filename, zin.read(info)))
+    return dst
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_loads_export_with_gradients(
+    fmt: str, files: dict[str, Path], model: torch.nn.Module, images: np.ndarray
+) -> None:
+    loaded = load_model(files[fmt], check_data=images)
+    assert isinstance(loaded, LoadedModel)
+    assert loaded.format == fmt
+    assert loaded.input_shape == SHAPE
+    assert loaded.num_classes == 10
+    assert loaded.sha256 == sha256_file(files[fmt])
+    assert loaded.details["check_batch"]["source"] == "data"
+    assert not any(p.requires_grad for p in loaded.module.parameters())
+    assert not loaded.module.training
+
+    x = torch.from_numpy(images).requires_grad_(True)
+    logits = loaded.module(x)
+    with torch.no_grad():
+        expected = model(x)
+    assert (logits - expected).abs().max().item() < 1e-4
+    logits[:, 3].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum().item() > 0
+
+
+def test_onnx_details_record_runtime_check(files: dict[str, Path]) -> None:
+    details = load_model(files["onnx"]).details  # no data: a fixed random batch
+    assert details["check_batch"]["source"] == "random"
+    assert details["onnx_opset"] == 17
+    assert details["onnx_torch_max_abs_diff"] <= details["onnx_torch_tolerance"]
+    assert details["onnxruntime_providers"] == ["CPUExecutionProvider"]
+
+
+def test_torchvision_stand_in_is_not_left_behind(files: dict[str, Path]) -> None:
+    load_model(files["onnx"])
+    assert "onnx2torch" in sys.modules
+    stand_in = sys.modules.get("torchvision")
+    assert stand_in is None or "stand-in" not in (stand_in.__doc__ or "")
+
+
+def test_pt2_eval_and_train_do_not_raise(files: dict[str, Path]) -> None:
+    module = load_model(files["pt2"]).module
+    module.train()
+    module.eval()
+    assert not module.training
+
+
+def test_pt2_static_batch_runs_any_batch_size(model: torch.nn.Module, tmp_path: Path) -> None:
+    program = torch.export.export(model, (torch.zeros(2, *SHAPE),))  # batch fixed to 2
+    torch.export.save(program, tmp_path / "static.pt2")
+    loaded = load_model(tmp_path / "static.pt2")
+    assert loaded.details["static_batch"] == 2
+    x = torch.rand(5, *SHAPE)
+    with torch.no_grad():
+        assert (loaded.module(x) - model(x)).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_normalization_wrapper(
+    fmt: str, files: dict[str, Path], model: torch.nn.Module, images: np.ndarray
+) -> None:
+    loaded = load_model(files[fmt], normalization=([0.5], [0.5]))
+    assert isinstance(loaded.module, PixelSpaceModel)
+    assert loaded.details["normalization"] == {"mean": [0.5], "std": [0.5]}
+    x = torch.from_numpy(images)
+    with torch.no_grad():
+        assert (loaded.module(x) - model((x - 0.5) / 0.5)).abs().max().item() < 1e-4
+
+
+def test_bad_normalization_and_check_data(files: dict[str, Path]) -> None:
+    with pytest.raises(DataError):
+        load_model(files["pt2"], normalization=([0.5], [0.0]))
+    with pytest.raises(DataError, match="channel"):
+        load_model(files["pt2"], normalization=([0.5, 0.5, 0.5], [0.2, 0.2, 0.2]))
+    with pytest.raises(DataError) as exc:
+        load_model(files["pt2"], check_data=np.zeros((2, 3, 32, 32), np.float32))
+    _assert_one_line(exc)
+
+
+def test_nan_logits_are_refused(model: torch.nn.Module, tmp_path: Path) -> None:
+    broken = build_model("nc_mnist", 1, 10, 28).eval()
+    broken.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        broken.classifier[3].bias[0] = float("nan")
+    paths = [export_pt2(broken, tmp_path / "nan.pt2", SHAPE)]
+    paths.append(export_onnx(broken, tmp_path / "nan.onnx", SHAPE))
+    for path in paths:
+        with pytest.raises(ModelLoadError, match="NaN") as exc:
+            load_model(path)
+        _assert_one_line(exc)
+
+
+def test_onnx_disagreeing_with_onnxruntime_is_refused(
+    files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import scanner.model_io as model_io
+
+    real_session = model_io._ort_session
+
+    class ShiftedSession:
+        """onnxruntime as if the conversion had gone wrong: logits off by 0.5."""
+
+        def __init__(self, session) -> None:
+            self.session = session
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+        def run(self, names, feeds):
+            return [out + 0.5 for out in self.session.run(names, feeds)]
+
+    monkeypatch.setattr(
+        model_io, "_ort_session", lambda raw, path: ShiftedSession(real_session(raw, path))
+    )
+    with pytest.raises(ModelLoadError, match="disagrees with onnxruntime") as exc:
+        load_model(files["onnx"])
+    _assert_one_line(exc)
+
+
+# ---------------------------------------------------------------- broken and unknown files
+
+
+def test_missing_empty_directory_and_oversize(tmp_path: Path, files: dict[str, Path]) -> None:
+    with pytest.raises(ModelLoadError, match="not found") as exc:
+        load_model(tmp_path / "nope.onnx")
+    _assert_one_line(exc)
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="empty"):
+        load_model(tmp_path / "empty.onnx")
+    with pytest.raises(ModelLoadError, match="not a regular file"):
+        load_model(tmp_path)
+    with pytest.raises(ModelLoadError, match="over the limit"):
+        load_model(files["onnx"], max_bytes=1000)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_too_many_nodes(fmt: str, files: dict[str, Path]) -> None:
+    with pytest.raises(ModelLoadError, match="nodes, over the limit") as exc:
+        load_model(files[fmt], max_nodes=5)
+    _assert_one_line(exc)
+
+
+def test_random_bytes_are_unsupported(tmp_path: Path) -> None:
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"\x17" + np.random.default_rng(0).bytes(4095))
+    with pytest.raises(UnsupportedModelError) as exc:
+        load_model(path)
+    assert exc.value.exit_code == 3
+    _assert_one_line(exc)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_header", "bad_op"])
+def test_corrupt_onnx(damage: str, files: dict[str, Path], tmp_path: Path) -> None:
+    raw = bytearray(files["onnx"].read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    elif damage == "flip_header":
+        raw[:64] = bytes(b ^ 0xFF for b in raw[:64])
+    else:
+        raw = bytearray(bytes(raw).replace(b"Conv", b"Cxnv"))
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(bytes(raw))
+    with pytest.raises((ModelLoadError, UnsupportedModelError)) as exc:
+        load_model(path)
+    _assert_one_line(exc)
+    if damage != "flip_header":  # still recognisably ONNX: a load error, not "unsupported"
+        assert isinstance(exc.value, ModelLoadError)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_corrupt_zip_and_torchscript(
+    files: dict[str, Path], model: torch.nn.Module, tmp_path: Path
+) -> None:
+    raw = files["pt2"].read_bytes()
+    (tmp_path / "cut.pt2").write_bytes(raw[: len(raw) // 3])
+    with pytest.raises(ModelLoadError) as exc:
+        load_model(tmp_path / "cut.pt2")
+    _assert_one_line(exc)
+    torch.jit.save(torch.jit.trace(model, torch.zeros(2, *SHAPE)), tmp_path / "script.pt")
+    with pytest.raises(UnsupportedModelError, match="TorchScript"):
+        load_model(tmp_path / "script.pt")
+
+
+# ---------------------------------------------------------------- pickle
+
+
+@pytest.mark.parametrize("container", ["raw_pickle", "torch_save_zip"])
+def test_malicious_pickle_is_refused_without_unpickling(container: str, tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    path = tmp_path / "model.bin"  # extension says nothing: detection is by content
+    if container == "raw_pickle":
+        import pickle
+
+        path.write_bytes(pickle.dumps(MarkerPayload(marker), protocol=2))
+    else:
+        torch.save(MarkerPayload(marker), path)
+    assert not marker.exists()
+    with pytest.raises(ModelLoadError, match="--allow-pickle") as exc:
+        load_model(path)
+    assert "refusing to unpickle" in str(exc.value)
+    _assert_one_line(exc)
+    assert not marker.exists()
+
+
+def test_allowed_pickle_loads_a_module(
+    model: torch.nn.Module, tmp_path: Path, images: np.ndarray
+) -> None:
+    path = tmp_path / "model.pth"
+    torch.save(model, path)
+    loaded = load_model(path, allow_pickle=True, check_data=images)
+    assert loaded.format == "pickle" and loaded.num_classes == 10 and loaded.input_shape is None
+    x = torch.from_numpy(images)
+    with torch.no_grad():
+        assert (loaded.module(x) - model(x)).abs().max().item() < 1e-6
+    torch.save(model.state_dict(), tmp_path / "weights.pth")
+    with pytest.raises(ModelLoadError, match="not a torch.nn.Module"):
+        load_model(tmp_path / "weights.pth", allow_pickle=True)
+
+
+# ---------------------------------------------------------------- crafted .pt2 archives
+
+
+def _edit_program_json(edit: Callable[[dict], None]) -> Callable[[str, bytes], bytes]:
+    def apply(name: str, data: bytes) -> bytes:
+        if name.endswith("models/model.json"):
+            program = json.loads(data)
+            edit(program)
+            return json.dumps(program).encode()
+        return data
+
+    return apply
+
+
+def _first_dict_with(value, key: str) -> dict:
+    stack = [value]
+    while stack:
+        item = stack.pop(0)
+        if isinstance(item, dict):
+            if key in item:
+                return item
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    raise AssertionError(f"no {key} in the program")
+
+
+def _pickled_sample_inputs(marker: Path) -> Callable[[str, bytes], bytes]:
+    buffer = io.BytesIO()
+    torch.save(MarkerPayload(marker), buffer)
+    return lambda name, data: buffer.getvalue() if name.endswith("sample_inputs/model.pt") else data
+
+
+def _sympy_injection(marker: Path) -> Callable[[str, bytes], bytes]:
+    def edit(program: dict) -> None:
+        value = _first_dict_with(program, "expr_str")  # the symbolic batch size
+        payload = f"exec(\"open({str(marker)!r}, 'w').write('x')\")"
+        value["expr_str"] = f"{payload} or {value['expr_str']}"
+
+    return _edit_program_json(edit)
+
+
+def _python_target(marker: Path) -> Callable[[str, bytes], bytes]:
+    def edit(program: dict) -> None:
+        program["graph_module"]["graph"]["nodes"][1]["target"] = "torch.os.system"
+
+    return _edit_program_json(edit)
+
+
+def _use_pickle_weight(marker: Path) -> Callable[[str, bytes], bytes]:
+    def apply(name: str, data: bytes) -> bytes:
+        if name.endswith("model_weights_config.json"):
+            config = json.loads(data)
+            next(iter(config["config"].values()))["use_pickle"] = True
+            return json.dumps(config).encode()
+        return data
+
+    return apply
+
+
+def _aoti_entry(marker: Path) -> Callable[[str, bytes], bytes]:
+    return lambda name, data: data  # the extra entry is added below
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [_pickled_sample_inputs, _sympy_injection, _python_target, _use_pickle_weight, _aoti_entry],
+)
+def test_crafted_pt2_is_refused_before_torch_sees_it(
+    attack, files: dict[str, Path], tmp_path: Path
+) -> None:
+    marker = tmp_path / "marker"
+    path = _rewrite_zip(files["pt2"], tmp_path / "evil.pt2", attack(marker))
+    if attack is _aoti_entry:
+        with zipfile.ZipFile(path, "a") as zf:
+            zf.writestr("m/data/aotinductor/model/model.so", b"\x7fELF")
+    with pytest.raises(ModelLoadError, match="refused") as exc:
+        load_model(path)
+    _assert_one_line(exc)
+    assert not marker.exists()
+
+
+def test_malformed_pt2_config_is_a_one_line_load_error(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    def edit(name: str, data: bytes) -> bytes:
+        return b"[1, 2]" if name.endswith("model_weights_config.json") else data
+
+    with pytest.raises(ModelLoadError) as exc:
+        load_model(_rewrite_zip(files["pt2"], tmp_path / "odd.pt2", edit))
+    _assert_one_line(exc)
+
+
+def test_rewritten_but_untouched_pt2_still_loads(files: dict[str, Path], tmp_path: Path) -> None:
+    path = _rewrite_zip(files["pt2"], tmp_path / "copy.pt2", lambda name, data: data)
+    assert load_model(path).num_classes == 10
+
+
+@pytest.mark.parametrize(
+    ("expr", "safe"),
+    [
+        ("Symbol('s77', positive=True, integer=True)", True),
+        ("2*s0 + Mod(s1, 4)", True),
+        ("FloorDiv(s0 - 1, 2) >= 0", True),
+        ("__import__('os').system('id')", False),
+        ("s0.__class__", False),
+        ("exec('x')", False),
+        ("Symbol('os', positive=True)", False),
+        ("(lambda: 1)()", False),
+        ("s0[0]", False),
+    ],
+)
+def test_sympy_grammar(expr: str, safe: bool) -> None:
+    assert _safe_sympy_expr(expr) is safe
