@@ -197,3 +197,7 @@ def main() -> None:
         print(f"trojanscan: usage: {(text.strip() or 'no command given; see --help').splitlines()[0]}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

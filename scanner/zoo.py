@@ -27,11 +27,11 @@ from scanner.attacks import AttackSpec, TriggerSpec
 from scanner.data import CleanData
 from scanner.export import export_onnx, export_pt2, max_logit_difference, sha256_file
 from scanner.models import build_model
-from scanner.training import TrainSettings, accuracy, train_classifier
+from scanner.training import TrainSettings, accuracy, seed_everything, train_classifier
 
 Dataset = Literal["fashion-mnist", "signs"]
 Size = Literal["smoke", "full"]
-ZOO_FORMAT = 1  # bump when the meaning of a manifest entry changes: forces a rebuild
+ZOO_FORMAT = 2  # bump when a build would make different models or entries: forces a rebuild
 MAX_ONNX_DIFFERENCE = 1e-3  # logits; the legacy exporter agrees to about 1e-5 here
 ASR_TARGET = 0.95
 CA_TOLERANCE = 0.015  # a trojaned model may lose at most 1.5 points against clean ones
@@ -193,6 +193,7 @@ def train_zoo_model(spec: ZooModelSpec, data: ZooData) -> tuple[torch.nn.Module,
     if spec.attack is not None:
         train, poisoned = attacks.poison(data.train, spec.attack, seed=spec.seed + 7919)
     channels, height, _ = data.image_shape
+    seed_everything(spec.seed)  # the initial weights too: same spec, same model
     model = build_model(spec.arch, channels, data.num_classes, height)
     return train_classifier(model, train, spec.train, seed=spec.seed), poisoned
 
@@ -338,7 +339,10 @@ def build_zoo(
                 + f", {entry['seconds']:.0f} s"
             )
         manifest["models"].append(entry)
-        _write_json_atomically(out_dir / "manifest.json", manifest)  # resumable after every model
+        # Resumable after every model: entries not reached yet stay as they were, so a build
+        # stopped halfway keeps (and later verifies) the models it has not come to.
+        not_reached = [by_id[s.id] for s in specs[number:] if s.id in by_id]
+        _write_json_atomically(out_dir / "manifest.json", manifest | {"models": manifest["models"] + not_reached})
     manifest["quality_failures"] = quality_failures(manifest["models"])
     _write_json_atomically(out_dir / "manifest.json", manifest)
     return manifest

@@ -22,6 +22,13 @@ Choices the paper leaves open, made here and recorded in the result JSON:
 - Smoothness: the Laplacian is applied with zero padding (no saliency outside the image).
 - Sparse and smooth are averaged over the k images; all three features are per class.
 - Weights: the paper's MNIST weights (0.1, 1, 1) by default; GTSRB's (1, 1, 10) by override.
+
+Measured on Fashion-MNIST smoke models (nc_mnist, 2 epochs, k = 100, about 0.2 s a scan on one
+core): 4x4 square trojans are found every time (7 of 7, target index 3.1-6.1, always the top
+class), but 3 of 9 clean models get a class at index >= 2 (2.4, 2.7, 5.1): guided saliency is
+nearly the same for every class, so the MAD of the features is small and one class that is a
+little more concentrated stands out. With GTSRB weights and the median threshold the
+persistence term dominates and the trojan is missed.
 """
 
 from __future__ import annotations
@@ -48,16 +55,17 @@ PAPER_WEIGHTS = {"mnist": (0.1, 1.0, 1.0), "gtsrb": (1.0, 1.0, 10.0)}  # (sp, sm
 class NeuronInspectSettings(DetectorSettings):
     """NeuronInspect's settings; the weights default to the paper's MNIST row of Table 6."""
 
-    images: int = Field(100, ge=2, le=100_000, description="clean images k the saliency maps are computed on, "
-                        "chosen from the seed and balanced over classes")
-    lambda_sp: float = Field(PAPER_WEIGHTS["mnist"][0], ge=0, le=1e6, description="weight of the sparseness feature "
-                             "(paper: 0.1 for MNIST, 1 for GTSRB)")
-    lambda_sm: float = Field(PAPER_WEIGHTS["mnist"][1], ge=0, le=1e6, description="weight of the smoothness feature "
-                             "(paper: 1 for MNIST and GTSRB)")
-    lambda_pe: float = Field(PAPER_WEIGHTS["mnist"][2], ge=0, le=1e6, description="weight of the persistence feature "
-                             "(paper: 1 for MNIST, 10 for GTSRB)")
-    persistence_quantile: float = Field(0.5, ge=0, lt=1, description="a saliency pixel is 'on' when it "
-                                        "exceeds this quantile of its own map (0.5 = median)")
+    images: int = Field(100, ge=2, le=100_000,
+                        description="clean images k the maps are computed on, seeded and balanced over classes")
+    lambda_sp: float = Field(PAPER_WEIGHTS["mnist"][0], ge=0, le=1e6,
+                             description="weight of the sparseness feature (paper: 0.1 MNIST, 1 GTSRB)")
+    lambda_sm: float = Field(PAPER_WEIGHTS["mnist"][1], ge=0, le=1e6,
+                             description="weight of the smoothness feature (paper: 1 MNIST, 1 GTSRB)")
+    lambda_pe: float = Field(PAPER_WEIGHTS["mnist"][2], ge=0, le=1e6,
+                             description="weight of the persistence feature (paper: 1 MNIST, 10 GTSRB)")
+    persistence_quantile: float = Field(0.5, ge=0, lt=1,
+                                        description="a saliency pixel is 'on' when it exceeds this quantile "
+                                        "of its own map (0.5 = median, as the public port)")
     batch_size: int = Field(128, ge=1, le=65_536, description="images per forward/backward pass")
 
 
@@ -92,7 +100,8 @@ class _RectifiedReLUMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _OUT_OF_PLACE_RELU or func in _IN_PLACE_RELU:
             x = args[0] if args else kwargs["input"]
-            inplace = func in _IN_PLACE_RELU or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
+            flag_given = kwargs.get("inplace", args[1] if len(args) > 1 else False)
+            inplace = func in _IN_PLACE_RELU or bool(flag_given)
             out = _RectifiedReLU.apply(x)
             return x.copy_(out) if inplace else out
         return func(*args, **kwargs)

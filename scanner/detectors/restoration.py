@@ -71,8 +71,9 @@ class RestorationOutcome:
 
 
 def to_unit(param: torch.Tensor) -> torch.Tensor:
-    """tanh parametrisation onto [0, 1]."""
-    return torch.tanh(param) / (2 - EPSILON) + 0.5
+    """tanh parametrisation onto [0, 1]. Neural Cleanse's tanh / (2 - eps) + 0.5 overshoots [0, 1]
+    by about 1e-7 at saturation (dividing by slightly less than 2), so the result is clamped."""
+    return (torch.tanh(param) / (2 - EPSILON) + 0.5).clamp(0.0, 1.0)
 
 
 def from_unit(value: torch.Tensor) -> torch.Tensor:

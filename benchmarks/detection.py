@@ -1,0 +1,142 @@
+"""Detection quality over the zoo, in the style of TABOR's Table I.
+
+    python benchmarks/detection.py [--datasets fashion-mnist,signs] [--detectors ni,tabor,nc,ncpp]
+                                   [--zoo-root zoo] [--models ID,...] [--name detection]
+
+Each (model, detector, settings) result is cached under <zoo>/scans/, keyed by the model's
+sha256 and the settings, so a rerun only scans what is new. Models are scanned from their ONNX
+files through the same loader users get. Writes benchmarks/results/<name>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.results_file import markdown_table, write_results  # noqa: E402
+from scanner.metrics import correctness, mask_f1  # noqa: E402
+from scanner.scan import ScanSettings, scan_model  # noqa: E402
+from scanner.zoo import load_manifest  # noqa: E402
+
+
+def cache_key(sha256: str, settings: ScanSettings) -> str:
+    payload = json.dumps({"model": sha256, "settings": settings.model_dump(mode="json")}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def truth_masks(zoo: Path, entry: dict) -> dict[int, list[np.ndarray]]:
+    masks: dict[int, list[np.ndarray]] = {}
+    for trigger in entry["ground_truth"]:
+        masks.setdefault(trigger["target"], []).append(np.load(zoo / trigger["mask"]))
+    return masks
+
+
+def scan_row(zoo: Path, entry: dict, detector: str, seed: int) -> dict:
+    """Scan one zoo model with one detector (or read the cached row)."""
+    settings = ScanSettings(detectors=(detector,), seed=seed)
+    model_file = entry["files"]["onnx"]
+    cache = zoo / "scans" / f"{entry['id']}-{detector}-{cache_key(model_file['sha256'], settings)}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    started = time.perf_counter()
+    result = scan_model(zoo / model_file["path"], zoo / "clean_samples.npz", settings)
+    detection = result.detections[detector]
+    targets = entry["targets"]
+    f1s = []
+    for target, masks in truth_masks(zoo, entry).items():
+        if target in detection.triggers:
+            # several triggers to one target: the restored mask is judged against their union
+            union = np.maximum.reduce(masks) if all(m.shape == masks[0].shape for m in masks) else masks[0]
+            f1s.append(mask_f1(detection.triggers[target].mask, union))
+    row = {
+        "model_id": entry["id"], "dataset": entry["dataset"], "trojaned": entry["trojaned"], "targets": targets,
+        "detector": detector, "flagged_classes": detection.flagged_classes,
+        "right_target": (set(targets) <= set(detection.flagged_classes)) if entry["trojaned"] else None,
+        "mask_f1": float(np.mean(f1s)) if f1s else None,
+        "correctness": correctness(detection.flagged_classes, targets, entry["trojaned"]),
+        "anomaly_index_target": min(float(detection.anomaly_index[t]) for t in targets) if targets else None,
+        "max_anomaly_index": detection.max_anomaly_index,
+        "seconds": round(detection.seconds, 2),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "anomaly_index": [round(float(v), 3) for v in detection.anomaly_index],
+    }
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(row, indent=2))
+    return row
+
+
+def summarise(rows: list[dict], detectors: list[str]) -> dict:
+    summary = {}
+    for name in detectors:
+        mine = [r for r in rows if r["detector"] == name]
+        trojans = [r for r in mine if r["trojaned"]]
+        f1s = [r["mask_f1"] for r in trojans if r["mask_f1"] is not None]
+        summary[name] = {
+            "trojans": len(trojans),
+            "caught_right_target": sum(bool(r["right_target"]) for r in trojans),
+            "clean": len(mine) - len(trojans),
+            "false_alarms": sum(r["correctness"] == "false_alarm" for r in mine),
+            "mean_mask_f1": round(float(np.mean(f1s)), 4) if f1s else None,
+            "trojans_index_below_2": sum(r["anomaly_index_target"] < 2 for r in trojans),
+            "seconds_total": round(sum(r["seconds"] for r in mine), 1),
+        }
+    return summary
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default="fashion-mnist,signs")
+    parser.add_argument("--detectors", default="ni,tabor,nc,ncpp")
+    parser.add_argument("--zoo-root", type=Path, default=Path("zoo"))
+    parser.add_argument("--models", default="", help="only these model ids")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="detection", help="results file name")
+    args = parser.parse_args()
+    detectors = args.detectors.split(",")
+    only = set(filter(None, args.models.split(",")))
+    rows = []
+    for dataset in args.datasets.split(","):
+        zoo = args.zoo_root / dataset
+        manifest = load_manifest(zoo)
+        if not manifest:
+            print(f"no zoo at {zoo}: run benchmarks/build_zoo.py --dataset {dataset} --size full", file=sys.stderr)
+            return 2
+        for entry in manifest["models"]:
+            if only and entry["id"] not in only:
+                continue
+            for detector in detectors:
+                row = scan_row(zoo, entry, detector, args.seed)
+                rows.append(row)
+                print(f"{row['model_id']:28s} {detector:6s} flagged={row['flagged_classes']} targets={row['targets']} "
+                      f"{row['correctness']:13s} idx_target={row['anomaly_index_target']} "
+                      f"max={row['max_anomaly_index']:.2f} f1={row['mask_f1']} {row['seconds']:.1f}s", flush=True)
+    summary = summarise(rows, detectors)
+    fmt = lambda v: "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))  # noqa: E731
+    table = markdown_table(
+        ["model", "detector", "targets", "flagged", "right target", "mask F1", "correctness", "index (target)",
+         "max index", "seconds"],
+        [[r["model_id"], r["detector"], fmt(r["targets"]), fmt(r["flagged_classes"]), fmt(r["right_target"]),
+          fmt(r["mask_f1"]), r["correctness"], fmt(r["anomaly_index_target"]), fmt(r["max_anomaly_index"]),
+          fmt(r["seconds"])] for r in rows])
+    table += "\n\n## Summary\n\n" + markdown_table(
+        ["detector", "trojans", "caught (right target)", "clean", "false alarms", "mean mask F1", "trojans with index < 2",
+         "seconds"],
+        [[n, s["trojans"], s["caught_right_target"], s["clean"], s["false_alarms"], fmt(s["mean_mask_f1"]),
+          s["trojans_index_below_2"], s["seconds_total"]] for n, s in summary.items()])
+    path = write_results(args.name, {"datasets": args.datasets.split(","), "detectors": detectors, "rows": rows,
+                                     "summary": summary}, table)
+    print(table)
+    print(f"written: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""How well a scan did against ground truth: mask F1 of restored triggers and the TABOR paper's
+correctness symbols (Table I)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+Correctness = Literal["success", "success_extra", "wrong_class", "failure", "clean_pass", "false_alarm"]
+MASK_THRESHOLD = 0.5  # a restored mask pixel counts as trigger when its value is at least this
+
+
+def f1_score(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """F1 of two boolean masks of the same shape (0 when both are empty)."""
+    tp = float(np.logical_and(predicted, truth).sum())
+    denominator = float(predicted.sum() + truth.sum())
+    return 2 * tp / denominator if denominator else 0.0
+
+
+def mask_f1(restored: np.ndarray, truth: np.ndarray, threshold: float = MASK_THRESHOLD) -> float:
+    """F1 between a restored mask (H, W) binarised at `threshold` and the ground-truth mask.
+
+    A truth smaller than the image is a random-position trigger's patch: it is slid over every
+    position and the best F1 counts (the trigger may appear anywhere, so any place is right).
+    """
+    predicted = np.asarray(restored) >= threshold
+    truth = np.asarray(truth) > 0
+    if truth.shape == predicted.shape:
+        return f1_score(predicted, truth)
+    h, w = truth.shape
+    windows = sliding_window_view(predicted, (h, w))  # (H-h+1, W-w+1, h, w)
+    tp = np.logical_and(windows, truth).sum(axis=(2, 3))
+    total = predicted.sum()  # false positives count everywhere in the image, not only in the window
+    f1 = 2 * tp / np.maximum(total + truth.sum(), 1)
+    return float(f1.max())
+
+
+def correctness(flagged: list[int], targets: list[int], trojaned: bool) -> Correctness:
+    """TABOR Table I's symbols: every target flagged and nothing else (success), every target plus
+    extra classes (success_extra), something flagged but a target missed (wrong_class), nothing
+    flagged on a trojan (failure); on a clean model: clean_pass or false_alarm."""
+    flagged_set = set(flagged)
+    if not trojaned:
+        return "false_alarm" if flagged_set else "clean_pass"
+    if set(targets) <= flagged_set:
+        return "success" if flagged_set == set(targets) else "success_extra"
+    return "wrong_class" if flagged_set else "failure"

@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+
+from scanner.anomaly import CONSISTENCY, flag, mad_anomaly_index
+
+
+def test_mad_on_known_numbers_low_tail():
+    # median 11, |deviations| 1 0 1 2 10 -> MAD 1 -> scaled 1.4826
+    index = mad_anomaly_index(np.array([10.0, 11, 12, 13, 1]), tail="low")
+    np.testing.assert_allclose(index, [1 / CONSISTENCY, 0, 0, 0, 10 / CONSISTENCY])
+    assert flag(index, 2.0) == [4]
+
+
+def test_mad_high_tail_ignores_the_low_side():
+    index = mad_anomaly_index(np.array([1.0, 2, 3, 4, 100]), tail="high")
+    assert index[0] == 0 and index[4] == pytest.approx(97 / CONSISTENCY)
+
+
+def test_even_count_uses_the_mean_of_the_two_middle_values():
+    # numpy median of [1,2,3,4] is 2.5 (torch would take 2): deviations 1.5 .5 .5 1.5 -> MAD 1
+    index = mad_anomaly_index(np.array([1.0, 2, 3, 4]), tail="low")
+    np.testing.assert_allclose(index, [1.5 / CONSISTENCY, 0.5 / CONSISTENCY, 0, 0])
+
+
+def test_threshold_is_inclusive_and_bad_input_is_refused():
+    assert flag(np.array([1.99, 2.0, 3.0]), 2.0) == [1, 2]
+    with pytest.raises(ValueError, match="NaN"):
+        mad_anomaly_index(np.array([1.0, np.nan, 3.0]), tail="low")
+    with pytest.raises(ValueError, match="at least 3"):
+        mad_anomaly_index(np.array([1.0, 2.0]), tail="low")
+
+
+def test_mask_f1_on_known_masks():
+    from scanner.metrics import mask_f1
+
+    truth = np.zeros((6, 6))
+    truth[4:6, 4:6] = 1
+    restored = np.zeros((6, 6))
+    restored[4:6, 3:6] = 0.9  # 4 right, 2 extra: F1 = 2*4 / (6 + 4)
+    assert mask_f1(restored, truth) == pytest.approx(0.8)
+    assert mask_f1(restored * 0.4, truth) == 0.0  # below the 0.5 threshold nothing counts
+    # a random-position trigger: its 2x2 patch matches wherever the restored mask put it
+    moved = np.zeros((6, 6))
+    moved[1:3, 0:2] = 1
+    assert mask_f1(moved, np.ones((2, 2))) == pytest.approx(1.0)
+
+
+def test_correctness_symbols():
+    from scanner.metrics import correctness
+
+    assert correctness([7], [7], True) == "success"
+    assert correctness([1, 7], [7], True) == "success_extra"
+    assert correctness([2], [7], True) == "wrong_class"
+    assert correctness([7], [7, 8], True) == "wrong_class"
+    assert correctness([], [7], True) == "failure"
+    assert correctness([], [], False) == "clean_pass"
+    assert correctness([3], [], False) == "false_alarm"

@@ -1,0 +1,122 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from scanner.detectors.restoration import RestorationSettings, _RowAdam, _Schedule, from_unit, stamp, to_unit
+from scanner.detectors.tabor import (
+    TaborSettings,
+    elastic_net,
+    neighbour_differences,
+    tabor_anomaly_metric,
+    tabor_regularizers,
+    xai_prune_mask,
+)
+
+
+def block_mask(side=4, top=1, left=1, size=2):
+    mask = torch.zeros((1, 1, side, side))
+    mask[0, 0, top:top + size, left:left + size] = 1.0
+    return mask
+
+
+def test_elastic_net_is_l1_plus_squared_l2():
+    mask = block_mask()
+    mask[0, 0, 0, 0] = 0.5
+    assert elastic_net(mask).item() == pytest.approx(4.5 + 4.25)
+
+
+def test_neighbour_differences_count_the_block_edges():
+    # a 2x2 block in a 4x4 field: 4 vertical and 4 horizontal unit steps
+    assert neighbour_differences(block_mask()).item() == pytest.approx(8.0)
+    assert neighbour_differences(torch.ones((1, 1, 4, 4))).item() == 0.0
+
+
+def test_tabor_regularizers_weight_each_term():
+    mask, pattern = block_mask(), torch.ones((1, 1, 4, 4))
+    only_mask = TaborSettings(mask_elastic=1, pattern_elastic=0, mask_smoothness=0, pattern_smoothness=0)
+    assert tabor_regularizers(mask, pattern, only_mask).item() == pytest.approx(8.0)
+    # pattern outside the mask: 12 pixels of 1 -> L1 12 + L2^2 12
+    outside = TaborSettings(mask_elastic=0, pattern_elastic=1, mask_smoothness=0, pattern_smoothness=0)
+    assert tabor_regularizers(mask, pattern, outside).item() == pytest.approx(24.0)
+    smooth = TaborSettings(mask_elastic=0, pattern_elastic=0, mask_smoothness=2, pattern_smoothness=0)
+    assert tabor_regularizers(mask, pattern, smooth).item() == pytest.approx(16.0)
+
+
+def test_anomaly_metric_eq5_on_known_numbers_and_guards():
+    metric = tabor_anomaly_metric(np.array([20.0, 100.0, 10.0, 50.0]), np.array([18.0, 10.0, 10.0, 5.0]),
+                                  np.array([1.0, 0.5, 1.0, 0.0]), image_area=100, clean_images=50)
+    assert metric[0] == pytest.approx(math.log(0.02))
+    assert metric[1] == pytest.approx(math.log(0.9) - math.log(0.5))
+    assert metric[2] == pytest.approx(math.log(0.005))  # nothing pruned: floored at half a pixel
+    assert metric[3] == pytest.approx(math.log(0.45) - math.log(1 / 50))  # zero attack success floored
+    assert np.isfinite(metric).all()
+
+
+def test_stamp_blends_every_class_trigger_on_every_image():
+    x = torch.full((3, 1, 4, 4), 0.2)
+    mask = torch.stack([block_mask()[0], torch.zeros((1, 4, 4))])
+    pattern = torch.ones((2, 1, 4, 4))
+    out = stamp(x, mask, pattern)
+    assert out.shape == (6, 1, 4, 4)
+    assert torch.allclose(out[0, 0, 1, 1], torch.tensor(1.0)) and torch.allclose(out[0, 0, 0, 0], torch.tensor(0.2))
+    assert torch.allclose(out[3:], x)
+
+
+def test_tanh_parametrisation_round_trips_inside_the_unit_interval():
+    values = torch.tensor([0.01, 0.5, 0.99])
+    assert torch.allclose(to_unit(from_unit(values)), values, atol=1e-5)
+    assert to_unit(torch.tensor([-50.0, 50.0])).min() >= 0 and to_unit(torch.tensor([50.0])).max() <= 1
+
+
+def test_row_adam_moves_only_the_active_rows():
+    table = torch.zeros((3, 2))
+    adam = _RowAdam(table, lr=0.1)
+    adam.step(table, torch.tensor([1]), torch.ones((1, 2)))
+    assert table[0].abs().sum() == 0 and table[2].abs().sum() == 0
+    assert torch.allclose(table[1], torch.full((2,), -0.1))  # first Adam step is -lr * sign(grad)
+
+
+def test_cost_schedule_follows_neural_cleanse():
+    s = RestorationSettings(patience=2, init_cost=1e-3, early_stop_patience=3)
+    schedule = _Schedule(1, s)
+    schedule.check(0, asr=1.0, l1=50)
+    assert schedule.cost[0] == 0  # not yet: needs `patience` successful checks
+    schedule.check(0, asr=1.0, l1=40)
+    assert schedule.cost[0] == pytest.approx(1e-3)
+    schedule.check(0, asr=1.0, l1=30)
+    schedule.check(0, asr=1.0, l1=20)
+    assert schedule.cost[0] == pytest.approx(2e-3)  # up after `patience` successes
+    schedule.check(0, asr=0.5, l1=10)
+    schedule.check(0, asr=0.5, l1=10)
+    assert schedule.cost[0] == pytest.approx(2e-3 / 2**1.5)  # down after `patience` failures
+    assert schedule.best_l1[0] == 20  # the best successful trigger, not the last one
+    for _ in range(3):
+        schedule.check(0, asr=1.0, l1=25)
+    assert schedule.done[0]
+
+
+class PixelModel(nn.Module):
+    """Class 1's logit reads one pixel, (0, 0); the other classes are constant."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        trigger = 20 * x[:, 0, 0, 0] - 5
+        zeros = torch.zeros_like(trigger)
+        return torch.stack([zeros, trigger, zeros], dim=1)
+
+
+def test_pruning_keeps_only_the_pixels_that_carry_the_class():
+    x = np.full((16, 1, 6, 6), 0.1, np.float32)
+    y = np.zeros(16, np.int64)
+    masks = np.zeros((3, 6, 6), np.float32)
+    masks[:, :3, :3] = 1.0  # restored 3x3 trigger of which only pixel (0, 0) matters
+    patterns = np.ones((3, 1, 6, 6), np.float32)
+    s = TaborSettings(prune_steps=150, batch_size=8)
+    refined, kept = xai_prune_mask(PixelModel(), x, y, masks, patterns, s, seed=0, device=torch.device("cpu"), slots=3)
+    assert kept[1] >= s.prune_threshold
+    # M-hat is continuous: pixel (0, 0) keeps just enough weight (20 * m - 5 > 0 needs m > 0.25)
+    assert refined[1, 0, 0] > 0.25 and refined[1, 0, 0] == refined[1].max()
+    assert refined[1].sum() - refined[1, 0, 0] < 0.5  # the 8 irrelevant pixels are pruned away
+    assert (refined <= masks + 1e-6).all()  # refined = M * M-hat never exceeds M
