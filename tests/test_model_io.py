@@ -16,8 +16,9 @@ import torch
 
 from scanner.errors import DataError, ModelLoadError, UnsupportedModelError
 from scanner.export import export_onnx, export_pt2, sha256_file
-from scanner.model_io import LoadedModel, PixelSpaceModel, _safe_sympy_expr, load_model
+from scanner.model_io import LoadedModel, PixelSpaceModel, load_model
 from scanner.models import build_model
+from scanner.pt2_guard import _safe_sympy_expr
 
 SHAPE = (1, 28, 28)
 
@@ -157,9 +158,9 @@ def test_nan_logits_are_refused(model: torch.nn.Module, tmp_path: Path) -> None:
 def test_onnx_disagreeing_with_onnxruntime_is_refused(
     files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import scanner.model_io as model_io
+    import scanner.onnx_loading as onnx_loading
 
-    real_session = model_io._ort_session
+    real_session = onnx_loading._ort_session
 
     class ShiftedSession:
         """onnxruntime as if the conversion had gone wrong: logits off by 0.5."""
@@ -174,7 +175,7 @@ def test_onnx_disagreeing_with_onnxruntime_is_refused(
             return [out + 0.5 for out in self.session.run(names, feeds)]
 
     monkeypatch.setattr(
-        model_io, "_ort_session", lambda raw, path: ShiftedSession(real_session(raw, path))
+        onnx_loading, "_ort_session", lambda raw, path: ShiftedSession(real_session(raw, path))
     )
     with pytest.raises(ModelLoadError, match="disagrees with onnxruntime") as exc:
         load_model(files["onnx"])

@@ -1,0 +1,233 @@
+"""ONNX loading: parse, check and convert an ONNX model to a differentiable torch module.
+
+An ONNX file is a protobuf `onnx` parses and `onnx.checker` accepts. It is converted to torch with
+onnx2torch so detectors get input gradients; onnxruntime runs the original file on a check batch
+and the two must agree (`_compare_reference`), so a conversion bug can never silently change what
+is scanned.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import sys
+import types
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from scanner.errors import ModelLoadError
+from scanner.loading_common import _Loaded, _one_line
+
+if TYPE_CHECKING:  # annotation only: model_io imports this module
+    from scanner.model_io import PixelSpaceModel
+
+ONNX_TOLERANCE = 1e-3  # absolute on logits, scaled by max(1, largest |logit|)
+
+
+def _parse_onnx(raw: bytes) -> Any:
+    """The parsed ModelProto if these bytes are plausibly an ONNX model, else None."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(raw)
+    except (DecodeError, ValueError, RuntimeError):
+        return None
+    # protobuf accepts many byte strings; an ONNX model has these
+    if model.ir_version <= 0 or not model.opset_import or not model.graph.node:
+        return None
+    return model
+
+
+def _looks_like_onnx(raw: bytes) -> bool:
+    """Serializers write field 1 (ir_version, a small varint) first: bytes 0x08, 1..32."""
+    return len(raw) >= 2 and raw[0] == 0x08 and 1 <= raw[1] <= 32
+
+
+def _load_onnx(raw: bytes, model: Any, path: Path, max_nodes: int) -> _Loaded:
+    import onnx
+
+    graph = model.graph
+    nodes = _count_onnx_nodes(graph)
+    if nodes > max_nodes:
+        raise ModelLoadError(f"ONNX model {path} has {nodes} nodes, over the limit of {max_nodes}")
+    if _onnx_uses_external_data(graph):
+        raise ModelLoadError(
+            f"ONNX model {path} keeps tensors in external data files, which are not supported; "
+            "save it with all tensors inside the file"
+        )
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:  # onnx raises several checker/validation error types
+        raise ModelLoadError(f"ONNX model {path} is invalid: {_one_line(exc)}") from exc
+
+    input_shape = _onnx_input_shape(graph, path)
+    if len(graph.output) != 1:
+        raise ModelLoadError(
+            f"ONNX model {path} has {len(graph.output)} outputs; one logits output is expected"
+        )
+
+    convert = _import_onnx2torch()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = convert(model)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot convert ONNX model {path} to torch (onnx2torch): {_one_line(exc)}"
+        ) from exc
+
+    session = _ort_session(raw, path)
+    input_name = session.get_inputs()[0].name
+
+    def reference(x: np.ndarray) -> np.ndarray:
+        return session.run(None, {input_name: x.astype(np.float32)})[0]
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    details = {
+        "onnx_opset": opset,
+        "onnx_ir_version": int(model.ir_version),
+        "onnx_producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "node_count": nodes,
+        "onnxruntime_providers": session.get_providers(),
+    }
+    return _Loaded(module=module, input_shape=input_shape, details=details, reference=reference)
+
+
+def _count_onnx_nodes(graph: Any) -> int:
+    """Nodes of the graph and of every subgraph (If/Loop/Scan bodies)."""
+    total = 0
+    for node in graph.node:
+        total += 1
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                total += _count_onnx_nodes(attr.g)
+            for sub in attr.graphs:
+                total += _count_onnx_nodes(sub)
+    return total
+
+
+def _onnx_uses_external_data(graph: Any) -> bool:
+    import onnx
+
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
+
+
+def _onnx_input_shape(graph: Any, path: Path) -> tuple[int, int, int] | None:
+    """(C, H, W) from the single image input; None when those dims are symbolic."""
+    import onnx
+
+    initializers = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise ModelLoadError(
+            f"ONNX model {path} has {len(inputs)} inputs; one image input is expected"
+        )
+    tensor_type = inputs[0].type.tensor_type
+    if tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        name = onnx.TensorProto.DataType.Name(tensor_type.elem_type)
+        raise ModelLoadError(f"ONNX model {path} takes {name} input; float32 images are expected")
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+    if len(dims) != 4:
+        raise ModelLoadError(
+            f"ONNX model {path} takes rank-{len(dims)} input; images (N, C, H, W) are expected"
+        )
+    chw = dims[1:]
+    if any(d is None or d <= 0 for d in chw):
+        return None
+    return (int(chw[0]), int(chw[1]), int(chw[2]))
+
+
+def _ort_session(raw: bytes, path: Path) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(raw, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelLoadError(f"onnxruntime cannot load {path}: {_one_line(exc)}") from exc
+
+
+def _import_onnx2torch() -> Callable[[Any], nn.Module]:
+    """Import onnx2torch.convert. onnx2torch imports torchvision (only for NMS and RoiAlign) and
+    the torchvision wheels here cannot load beside CPU torch: if the real import fails, put a
+    stand-in in sys.modules for the import and take it out again afterwards, so other code
+    still sees that torchvision is missing."""
+    if "onnx2torch" in sys.modules:
+        from onnx2torch import convert
+
+        return convert
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        stand_ins = _torchvision_stand_in()
+        _drop_modules("torchvision")
+        sys.modules.update(stand_ins)
+        try:
+            from onnx2torch import convert
+        finally:
+            for name, module in stand_ins.items():
+                if sys.modules.get(name) is module:
+                    del sys.modules[name]
+        return convert
+    from onnx2torch import convert
+
+    return convert
+
+
+def _drop_modules(package: str) -> None:
+    """Remove a half-imported package (a failed import can leave submodules behind)."""
+    for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
+        del sys.modules[name]
+
+
+def _torchvision_stand_in() -> dict[str, types.ModuleType]:
+    def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            "torchvision is not available: ONNX NMS and RoiAlign are unsupported"
+        )
+
+    root = types.ModuleType(
+        "torchvision", "stand-in for onnx2torch; the real torchvision is unusable here"
+    )
+    root.__spec__ = importlib.machinery.ModuleSpec("torchvision", None, is_package=True)
+    root.__path__ = []  # type: ignore[attr-defined]
+    ops = types.ModuleType("torchvision.ops", "stand-in: NMS and RoiAlign are unavailable")
+    ops.__spec__ = importlib.machinery.ModuleSpec("torchvision.ops", None)
+    for name in ("nms", "batched_nms", "roi_align", "box_convert"):
+        setattr(ops, name, unavailable)
+    root.ops = ops  # type: ignore[attr-defined]
+    return {"torchvision": root, "torchvision.ops": ops}
+
+
+def _compare_reference(
+    wrapped: PixelSpaceModel, reference: Callable[[np.ndarray], np.ndarray], inputs: torch.Tensor,
+    out: np.ndarray, path: Path, details: dict[str, Any],
+) -> None:
+    with torch.no_grad():
+        normalised = wrapped.normalise(inputs).numpy()
+    try:
+        expected = reference(normalised)
+    except Exception as exc:
+        raise ModelLoadError(f"onnxruntime failed to run {path}: {_one_line(exc)}") from exc
+    if expected.shape != out.shape or not np.isfinite(expected).all():
+        raise ModelLoadError(
+            f"onnxruntime and the converted model of {path} disagree on output shape or finiteness"
+        )
+    difference = float(np.abs(expected - out).max())
+    tolerance = ONNX_TOLERANCE * max(1.0, float(np.abs(expected).max()))
+    details["onnx_torch_max_abs_diff"] = difference
+    details["onnx_torch_tolerance"] = tolerance
+    if difference > tolerance:
+        raise ModelLoadError(
+            f"onnx2torch conversion of {path} disagrees with onnxruntime: max logit difference "
+            f"{difference:.3g} > {tolerance:.3g}"
+        )
