@@ -149,8 +149,9 @@ def zoo_specs(dataset: Dataset, size: Size) -> list[ZooModelSpec]:
                 ZooModelSpec(id="sg-clean-s0", arch=cnn, seed=0, train=smoke),
                 _trojan("sg-square4-br", cnn, smoke, [T(shape=sq, size=4, colour=yellow)], [5]),
             ]
-        base = TrainSettings(epochs=6)
-        longer = TrainSettings(epochs=8)
+        # 6 epochs left gtsrb_cnn's CA spread over 91-97%, wider than the 1.5-point target allows.
+        base = TrainSettings(epochs=8)
+        longer = TrainSettings(epochs=10)
         return [
             ZooModelSpec(id="sg-clean-cnn-s0", arch=cnn, seed=0, train=base),
             ZooModelSpec(id="sg-clean-cnn-s1", arch=cnn, seed=1, train=base),
