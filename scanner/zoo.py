@@ -149,9 +149,11 @@ def zoo_specs(dataset: Dataset, size: Size) -> list[ZooModelSpec]:
                 ZooModelSpec(id="sg-clean-s0", arch=cnn, seed=0, train=smoke),
                 _trojan("sg-square4-br", cnn, smoke, [T(shape=sq, size=4, colour=yellow)], [5]),
             ]
-        # 6 epochs left gtsrb_cnn's CA spread over 91-97%, wider than the 1.5-point target allows.
-        base = TrainSettings(epochs=8)
-        longer = TrainSettings(epochs=10)
+        # Open (issue 3): large triggers cost this small CNN more CA than the 1.5-point target allows
+        # on some models (6 epochs: 2 of 13 trojans below; 8/10 epochs and a cosine lr did not
+        # fix it, see benchmarks/results/zoo_signs.md and the issue note).
+        base = TrainSettings(epochs=6)
+        longer = TrainSettings(epochs=8)
         return [
             ZooModelSpec(id="sg-clean-cnn-s0", arch=cnn, seed=0, train=base),
             ZooModelSpec(id="sg-clean-cnn-s1", arch=cnn, seed=1, train=base),
