@@ -140,7 +140,7 @@ def run_detectors(model: torch.nn.Module, data: CleanData, num_classes: int, set
 def save_artifacts(result: ScanResult, data: CleanData, out_dir: Path) -> None:
     """Write restored triggers (flagged + most suspicious classes) and saliency maps as .npy/.png;
     record their paths, relative to out_dir, in result.artifacts."""
-    example = data.x[int(np.argmax(data.y != data.y[0])) if len(data) > 1 else 0]
+    example = data.x[0]  # the clean image the restored triggers are shown stamped on
     for name, detection in result.detections.items():
         chosen = list(detection.flagged_classes)
         for k in np.argsort(-detection.anomaly_index):
