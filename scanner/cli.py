@@ -169,23 +169,59 @@ def scan(
     except TrojanScanError as error:
         if json_path:
             _write_json(json_path, error_result(str(error), model, str(data) if data else None, settings).to_json())
+            console.print(_report_beside(json_path, None), highlight=False)
         fail(error)
     except Exception as error:  # a bug or an unforeseen input: still one line, still an error
         reason = f"scan failed: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
         if json_path:
             _write_json(json_path, error_result(reason, model, str(data) if data else None, settings).to_json())
+            console.print(_report_beside(json_path, None), highlight=False)
         print(f"trojanscan: error: {reason}", file=sys.stderr)
         raise typer.Exit(EXIT_ERROR)
     print_summary(result)
     if json_path:
         _write_json(json_path, result.to_json())
         console.print(f"result: {json_path}", highlight=False)
+        console.print(_report_beside(json_path, out_dir), highlight=False)
     raise typer.Exit(EXIT_INFECTED if result.verdict == "infected" else EXIT_CLEAN)
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def _report_beside(json_path: Path, artifacts: Path | None) -> str:
+    """Write report.html beside the result JSON; return where, or why not. The verdict is already
+    decided and written, so a failed rendering never changes the scan's exit code."""
+    from scanner.report import write_report
+
+    try:
+        return f"report: {write_report(json_path, json_path.parent / 'report.html', base_dir=artifacts)}"
+    except Exception as error:  # noqa: BLE001  (any rendering failure is reported, not raised)
+        return f"report not written: {type(error).__name__}: {error}"
+
+
+@app.command()
+def report(
+    result_json: Path = typer.Argument(..., help="a result JSON written by `trojanscan scan --json`"),
+    out: Path = typer.Option(None, "--out", help="HTML file to write (default: report.html beside the JSON)"),
+    artifacts: Path = typer.Option(None, help="folder the result's picture paths are relative to (default: the JSON's folder)"),
+    ground_truth: Path = typer.Option(None, "--ground-truth", help="zoo manifest.json: show the true trigger and mask F1"),
+    model_id: str = typer.Option(None, "--model-id", help="the scanned model's id in the --ground-truth manifest"),
+) -> None:
+    """Render the self-contained HTML audit report of a scan result (no network, no script)."""
+    from scanner.report import ground_truth_from_manifest, write_report
+
+    if (ground_truth is None) != (model_id is None):
+        usage("--ground-truth and --model-id go together")
+    try:
+        truth = ground_truth_from_manifest(ground_truth, model_id) if ground_truth else None
+        path = write_report(result_json, out or result_json.parent / "report.html", base_dir=artifacts,
+                            ground_truth=truth)
+    except TrojanScanError as error:
+        fail(error)
+    console.print(f"report: {path}", highlight=False)
 
 
 def main() -> None:

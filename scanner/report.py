@@ -19,6 +19,7 @@ import numpy as np
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup, escape
 
+from scanner.errors import TrojanScanError
 from scanner.images import to_png_bytes
 from scanner.metrics import correctness, mask_f1
 
@@ -40,8 +41,8 @@ DETECTOR_NAMES = {
 }
 
 
-class ReportError(Exception):
-    """The result JSON or the ground truth cannot be turned into a report."""
+class ReportError(TrojanScanError):
+    """The result JSON or the ground truth cannot be turned into a report (exit code 2)."""
 
 
 # ---------------------------------------------------------------- pictures
