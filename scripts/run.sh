@@ -47,7 +47,7 @@ case "$job" in
     python_env test
     exec "$venv/bin/trojanscan" demo "$@" ;;
   test)
-    apt_install dataset-fashion-mnist
+    apt_install dataset-fashion-mnist chromium  # chromium: the report's browser tests (Playwright)
     python_env test
     export PREFECT_SERVER_ANALYTICS_ENABLED=false
     exec "$venv/bin/python" -m pytest -q "$@" ;;
