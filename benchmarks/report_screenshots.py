@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from PIL import Image
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -46,6 +48,8 @@ def screenshot(html: Path, png: Path, width: int = 1100) -> None:
         png.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(png), full_page=True)
         browser.close()
+    # 256 colours are plenty for a page of text, charts and small pictures: about a third of the bytes
+    Image.open(png).convert("RGB").quantize(256).save(png, optimize=True)
 
 
 def main() -> None:
