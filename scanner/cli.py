@@ -224,6 +224,43 @@ def report(
     console.print(f"report: {path}", highlight=False)
 
 
+@app.command()
+def unlearn(
+    model: Path = typer.Argument(..., help="the infected model (.onnx or .pt2) that was scanned"),
+    data: Path = typer.Option(..., "--data", help="clean data npz (x, y); a share per class is held out for measuring"),
+    result: Path = typer.Option(..., "--result", help="the scan's result JSON (verdict infected, restored triggers)"),
+    out: Path = typer.Option(..., "--out", help="where to write the patched model (same format as MODEL)"),
+    epochs: int = typer.Option(None, help="fine-tune epochs [default: UnlearnSettings']"),
+    share: float = typer.Option(None, help="share of fine-tune images stamped with a restored trigger (true labels kept)"),
+    lr: float = typer.Option(None, help="Adam learning rate"),
+    seed: int = typer.Option(0, help="seed of the split, the stamping and the batches"),
+    json_path: Path = typer.Option(None, "--json", help="write the before/after metrics here"),
+) -> None:
+    """Patch an infected model by unlearning its restored triggers. Exit 0 done, 2 error, 4 usage."""
+    from scanner.unlearning import UnlearnSettings, unlearn_files
+
+    try:
+        given = {"epochs": epochs, "share": share, "lr": lr}
+        settings = UnlearnSettings(seed=seed, **{k: v for k, v in given.items() if v is not None})
+    except ValueError as error:
+        usage(" ".join(str(error).split())[:200])
+    try:
+        outcome = unlearn_files(model, data, result, out, settings)
+    except TrojanScanError as error:
+        fail(error)
+    before, after = outcome.before, outcome.after
+    console.print(f"patched {model} -> {out} ({outcome.output['format']}); triggers: "
+                  + ", ".join(t.source for t in outcome.triggers), highlight=False)
+    console.print(f"measured on {outcome.measured_images} images ({outcome.measured_on}); "
+                  f"fine-tuned on {outcome.finetune_images}", highlight=False)
+    console.print(f"  CA  {before.clean_accuracy:.4f} -> {after.clean_accuracy:.4f}", highlight=False)
+    console.print(f"  ASR {before.max_asr_restored:.4f} -> {after.max_asr_restored:.4f} (restored trigger, worst)",
+                  highlight=False)
+    if json_path:
+        _write_json(json_path, outcome.to_json())
+        console.print(f"metrics: {json_path}", highlight=False)
+
+
 def main() -> None:
     """Console-script entry: maps click's usage errors to exit code 4 with one line on stderr."""
     try:

@@ -1,0 +1,235 @@
+"""Patching (unlearning) over the trojaned zoo models: CA and ASR before and after, true trigger.
+
+    python benchmarks/unlearning.py [--zoo zoo/fashion-mnist] [--models ID,...] [--restore-only]
+                                    [--epochs N --share S --lr LR --finetune-images N] [--name unlearning]
+
+For every trojaned model of the zoo:
+
+1. Restoration: a TABOR scan (`scan_model(..., detectors=("tabor",), out_dir=...)`, default
+   settings, seed 0, the zoo's `clean_samples.npz`, the ONNX file) whose result JSON and restored
+   triggers are cached under `<zoo>/unlearning-scans/<model>-tabor-<key>/`, keyed by the model's
+   sha256 and the scan settings. The detection benchmark's cache (`<zoo>/scans/`) keeps only
+   table rows, no masks or patterns, so it cannot be reused.
+2. Patching: `scanner.unlearning.unlearn_files` on the ONNX file with the restored trigger(s) of
+   the classes TABOR flagged (whatever it restored: a wrong extra class or a partial mask is
+   used as it is, as a user would), the output written as ONNX again.
+3. Measuring: CA on the zoo's held-out evaluation split (test[:9000], never trained on by the
+   zoo model nor by the fine-tune) and ASR of every TRUE trigger (ground truth from the
+   manifest's attack spec) on the same split's non-target images, before and after.
+
+The fine-tune set is a seeded class-balanced subset of the zoo's clean training images (the
+defender's clean training data in the TABOR paper's threat model; the poisoned copies the zoo
+model was trained with are not used). Runs with one thread. Writes
+benchmarks/results/<name>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.results_file import markdown_table, write_results  # noqa: E402
+from scanner import attacks  # noqa: E402
+from scanner.data import CleanData  # noqa: E402
+from scanner.model_io import load_model  # noqa: E402
+from scanner.scan import ScanSettings, scan_model  # noqa: E402
+from scanner.unlearning import (  # noqa: E402
+    PatchTrigger,
+    TrueTrigger,
+    UnlearnSettings,
+    export_patched,
+    load_restored_triggers,
+    measure,
+    unlearn,
+)
+from scanner.zoo import load_manifest, load_zoo_data  # noqa: E402
+
+ASR_TARGET = 0.02
+CA_DROP_TARGET = 0.01
+
+RESTORE_SEED = 0
+
+
+def restoration_dir(zoo: Path, entry: dict, settings: ScanSettings) -> Path:
+    """Cache folder keyed by the model's sha256 and the settings that decide what TABOR restores
+    (listed explicitly, so a new unrelated ScanSettings field does not invalidate the cache)."""
+    decisive = {k: settings.model_dump(mode="json")[k] for k in ("detectors", "mode", "threshold", "seed",
+                                                                  "detector_settings")}
+    payload = json.dumps({"model": entry["files"]["onnx"]["sha256"], "settings": decisive}, sort_keys=True)
+    key = hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return zoo / "unlearning-scans" / f"{entry['id']}-tabor-{key}"
+
+
+def restore(zoo: Path, entry: dict) -> Path:
+    """TABOR scan of one zoo model with its artifacts saved (cached); returns the result JSON path."""
+    settings = ScanSettings(detectors=("tabor",), seed=RESTORE_SEED, device="cpu")
+    folder = restoration_dir(zoo, entry, settings)
+    result_path = folder / "result.json"
+    if result_path.is_file():
+        return result_path
+    started = time.perf_counter()
+    result = scan_model(zoo / entry["files"]["onnx"]["path"], zoo / "clean_samples.npz", settings, out_dir=folder)
+    result_path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    print(f"{entry['id']:28s} restored: flagged {result.flagged_classes}, {time.perf_counter() - started:.1f} s",
+          flush=True)
+    return result_path
+
+
+def patch_triggers(result_path: Path) -> tuple[list[PatchTrigger], str]:
+    """The restored triggers the product would unlearn: those of the flagged classes. A scan that
+    flagged nothing would not be patched by the product; to still measure patching, the benchmark
+    then uses the trigger of the class with the highest anomaly index and says so."""
+    result = json.loads(result_path.read_text())
+    if result["verdict"] == "infected":
+        return load_restored_triggers(result_path)[0], "flagged"
+    detector = result["detectors"]["tabor"]
+    top = int(np.argmax(detector["anomaly_index"]))
+    files = detector["artifacts"][str(top)]
+    trigger = PatchTrigger(target=top, mask=np.load(result_path.parent / files["mask_npy"]),
+                           pattern=np.load(result_path.parent / files["pattern_npy"]),
+                           source=f"tabor class {top} (not flagged: top index {detector['anomaly_index'][top]:.2f})")
+    return [trigger], "top suspect, not flagged"
+
+
+def true_triggers(entry: dict, channels: int) -> list[TrueTrigger]:
+    spec = attacks.AttackSpec(**entry["attack"])
+    return [TrueTrigger(t, target) for t, target in zip(attacks.build_triggers(spec, channels), spec.targets)]
+
+
+def finetune_set(train: CleanData, images: int, seed: int) -> CleanData:
+    """A seeded class-balanced subset of the zoo's clean training images."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(train.y)
+    per_class = images // len(classes)
+    index = np.concatenate([rng.choice(np.flatnonzero(train.y == k), per_class, replace=False) for k in classes])
+    return train.subset(np.sort(index))
+
+
+def flipped_asr(module, evaluation: CleanData, truths: list[TrueTrigger]) -> float:
+    """Worst true-trigger ASR counted only on non-target images the model gets right without the
+    trigger (natural confusions into the target class are left out)."""
+    from scanner.training import predict
+
+    correct = predict(module, evaluation.x) == evaluation.y
+    worst = 0.0
+    for index, truth in enumerate(truths):
+        keep = evaluation.y != truth.target
+        triggered = attacks.triggered_set(evaluation, truth.trigger, truth.target, seed=index)
+        hits = predict(module, triggered.x) == truth.target
+        worst = max(worst, float(hits[correct[keep]].mean()))
+    return worst
+
+
+def patch_row(zoo: Path, entry: dict, data, finetune: CleanData, settings: UnlearnSettings,
+              references: dict[str, torch.nn.Module], out_dir: Path) -> dict:
+    """Restore (cached), patch, measure and export one trojaned zoo model."""
+    result_path = restore(zoo, entry)
+    triggers, how = patch_triggers(result_path)
+    truths = true_triggers(entry, data.image_shape[0])
+    loaded = load_model(zoo / entry["files"]["onnx"]["path"], check_data=data.evaluation.x[:64])
+    started = time.perf_counter()
+    outcome = unlearn(loaded.module, finetune, triggers, settings, evaluation=data.evaluation, true_triggers=truths)
+    seconds = time.perf_counter() - started
+    written = export_patched(outcome.module, loaded.format, out_dir / f"{entry['id']}.onnx", data.image_shape,
+                             data.evaluation.x[:64])
+    reference = measure(references[entry["arch"]], data.evaluation, triggers, truths)
+    before, after = outcome.before, outcome.after
+    return {
+        "model_id": entry["id"], "arch": entry["arch"], "targets": entry["targets"],
+        "flagged_classes": json.loads(result_path.read_text())["flagged_classes"], "patched_with": how,
+        "triggers": [t.source for t in triggers],
+        "ca_before": before.clean_accuracy, "ca_after": after.clean_accuracy,
+        "asr_before": before.max_asr_true, "asr_after": after.max_asr_true,
+        "ca_drop": before.clean_accuracy - after.clean_accuracy,
+        "asr_after_per_trigger": after.asr_true,
+        "asr_restored_before": before.max_asr_restored, "asr_restored_after": after.max_asr_restored,
+        "asr_after_correct_only": flipped_asr(outcome.module, data.evaluation, truths),
+        "asr_clean_reference": reference.max_asr_true,
+        "export_max_abs_difference": written["max_abs_logit_difference"],
+        "seconds": round(seconds, 2),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zoo", type=Path, default=Path("zoo/fashion-mnist"))
+    parser.add_argument("--models", default="", help="only these model ids")
+    parser.add_argument("--restore-only", action="store_true", help="only run (and cache) the TABOR restorations")
+    defaults = UnlearnSettings()
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--share", type=float, default=defaults.share)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--finetune-images", type=int, default=10000, help="clean training images fine-tuned on")
+    parser.add_argument("--out", type=Path, default=None, help="patched ONNX files (default: <zoo>/unlearned)")
+    parser.add_argument("--name", default="unlearning", help="results file name")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    manifest = load_manifest(args.zoo)
+    if not manifest:
+        print(f"no zoo at {args.zoo}: run benchmarks/build_zoo.py --dataset fashion-mnist --size full", file=sys.stderr)
+        return 2
+    only = set(filter(None, args.models.split(",")))
+    trojans = [e for e in manifest["models"] if e["trojaned"] and (not only or e["id"] in only)]
+    if args.restore_only:
+        for entry in trojans:
+            restore(args.zoo, entry)
+        return 0
+    settings = UnlearnSettings(epochs=args.epochs, share=args.share, lr=args.lr, seed=args.seed)
+    data = load_zoo_data(manifest["dataset"], manifest["size"])
+    finetune = finetune_set(data.train, args.finetune_images, args.seed)
+    references = {}
+    for entry in manifest["models"]:  # a clean model per architecture: the natural "ASR" floor
+        if not entry["trojaned"] and entry["arch"] not in references:
+            references[entry["arch"]] = load_model(args.zoo / entry["files"]["onnx"]["path"]).module
+    out_dir = args.out or args.zoo / "unlearned"
+    rows = []
+    for entry in trojans:
+        row = patch_row(args.zoo, entry, data, finetune, settings, references, out_dir)
+        rows.append(row)
+        print(f"{row['model_id']:28s} CA {row['ca_before']:.4f} -> {row['ca_after']:.4f}  "
+              f"ASR {row['asr_before']:.4f} -> {row['asr_after']:.4f} (clean model {row['asr_clean_reference']:.4f}, "
+              f"correct-only {row['asr_after_correct_only']:.4f})  {row['patched_with']} {row['triggers']}  "
+              f"{row['seconds']:.0f} s", flush=True)
+    summary = {
+        "max_asr_after": max(r["asr_after"] for r in rows),
+        "max_ca_drop": max(r["ca_drop"] for r in rows),
+        "mean_asr_after": float(np.mean([r["asr_after"] for r in rows])),
+        "models": len(rows),
+        "asr_target_met": sum(r["asr_after"] <= ASR_TARGET for r in rows),
+        "ca_target_met": sum(r["ca_drop"] <= CA_DROP_TARGET for r in rows),
+        "max_asr_after_correct_only": max(r["asr_after_correct_only"] for r in rows),
+        "max_asr_clean_reference": max(r["asr_clean_reference"] for r in rows),
+        "targets": {"asr_after": ASR_TARGET, "ca_drop": CA_DROP_TARGET},
+    }
+    pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
+    table = markdown_table(
+        ["model", "targets", "flagged", "CA before", "CA after", "CA drop", "ASR before", "ASR after",
+         "ASR after (correct only)", "clean-model ASR", "restored-trigger ASR after", "seconds"],
+        [[r["model_id"], r["targets"], r["flagged_classes"], pct(r["ca_before"]), pct(r["ca_after"]),
+          pct(r["ca_drop"]), pct(r["asr_before"]), pct(r["asr_after"]), pct(r["asr_after_correct_only"]),
+          pct(r["asr_clean_reference"]), pct(r["asr_restored_after"]), f"{r['seconds']:.0f}"] for r in rows])
+    table += (f"\n\nAll figures in %, true trigger(s), measured on {len(data.evaluation)} held-out test images; "
+              f"fine-tuned on {len(finetune)} clean training images with {settings.model_dump()}.\n\n"
+              f"Summary: max ASR after {pct(summary['max_asr_after'])}% (target <= {pct(ASR_TARGET)}), "
+              f"{summary['asr_target_met']}/{len(rows)} models meet it; max CA drop {pct(summary['max_ca_drop'])} "
+              f"points (target <= {pct(CA_DROP_TARGET)}), {summary['ca_target_met']}/{len(rows)} meet it.")
+    path = write_results(args.name, {"zoo": str(args.zoo), "settings": settings.model_dump(),
+                                     "finetune_images": len(finetune), "evaluation_images": len(data.evaluation),
+                                     "rows": rows, "summary": summary}, table)
+    print(table)
+    print(f"written: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,398 @@
+"""Patch an infected model by unlearning its restored trigger(s) (TABOR paper, section IV-B).
+
+The infected model is fine-tuned on clean images of which a share carries a restored trigger,
+each such image keeping its TRUE label: the model learns that the trigger does not mean the
+target class, while the clean images keep its accuracy. Clean accuracy (CA) and attack success
+rate (ASR) are measured before and after, with every restored trigger and, when ground truth is
+known (self-test, benchmarks), with every true trigger.
+
+Choices, all in `UnlearnSettings` unless said otherwise:
+
+- **Share**: `share` (default 0.5) of the fine-tune images is stamped, each picked image with one
+  of the restored triggers drawn uniformly (the draw is new every epoch, seeded). The rest stays
+  clean, which is what keeps CA. `max_shift` (default 0) can move the stamped triggers by a few
+  pixels per batch; on the Fashion-MNIST zoo it helped a random-position trigger a little and
+  hurt others (see benchmarks/results/unlearning.md), so it is off.
+- **Optimiser**: Adam, `lr` 1e-3, `epochs` 5 over the fine-tune images, `batch_size` 64,
+  cross-entropy. Chosen on the Fashion-MNIST zoo (benchmarks/unlearning.py): 3 epochs, share
+  0.2-0.3 and lr 1e-4-3e-4 left 3-40% true-trigger ASR; these defaults lower it without costing
+  CA there.
+- **Mode**: the module stays in eval mode while it is fine-tuned: batch-norm statistics are kept
+  as trained (a few hundred clean images would only add noise to them) and dropout is off; a
+  `torch.export` program refuses `.train()` anyway. Gradients reach the weights of both an
+  onnx2torch-converted ONNX model and a `torch.export` program (checked: a fine-tune that leaves
+  every weight unchanged is an error).
+- **Measuring on held-out data**: CA and ASR are measured on images the fine-tune never sees.
+  Callers with a separate evaluation set pass it (`evaluation=`; the benchmark uses the zoo's
+  test split) and every given clean image is fine-tuned on; otherwise `held_out` (default 0.2)
+  of the clean images of each class is set aside, seeded, and measured on. ASR of a trigger is
+  the share of held-out images not of its target class that the model puts in the target class.
+- **Pixel space**: triggers are stamped on pixels in [0, 1] (x' = (1 - m) x + m p, as in the
+  restoration); a model that expects normalised input keeps its `PixelSpaceModel` wrapper while
+  it is fine-tuned, and what is exported is the wrapped model alone, so the patched file takes
+  the same (normalised) input as the original.
+- **Output**: the same format as the input (ONNX via `export_onnx`, `.pt2` via `export_pt2`),
+  loaded back through `load_model` and compared with the patched module's logits on held-out
+  images; a difference above `EXPORT_TOLERANCE` is an error.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from scanner import attacks
+from scanner.data import CleanData
+from scanner.errors import DataError, ModelLoadError, TrojanScanError
+
+EXPORT_TOLERANCE = 1e-3  # absolute on logits, scaled by max(1, largest |logit|), as the ONNX load check
+
+
+class UnlearnSettings(BaseModel):
+    """How a model is patched; recorded with the results."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    share: float = Field(0.5, gt=0.0, lt=1.0, description="share of fine-tune images stamped with a restored trigger")
+    epochs: int = Field(5, ge=1, le=200, description="passes over the fine-tune images")
+    lr: float = Field(1e-3, gt=0.0, le=1.0, description="Adam learning rate")
+    batch_size: int = Field(64, ge=2, le=4096)
+    max_shift: int = Field(0, ge=0, le=16, description="stamp each batch's triggers shifted by up to this many "
+                                                        "pixels (uniform per batch, wrapping); 0 = where restored")
+    seed: int = 0
+    held_out: float = Field(0.2, gt=0.0, lt=1.0,
+                            description="share of each class's clean images kept for measuring "
+                                        "(only when no separate evaluation set is given)")
+
+
+@dataclass(frozen=True)
+class PatchTrigger:
+    """A restored trigger to unlearn: mask (H, W) and pattern (C, H, W) in [0, 1], pixel space,
+    and the class it sends images to."""
+
+    target: int
+    mask: np.ndarray
+    pattern: np.ndarray
+    source: str = ""  # where it came from, e.g. "tabor class 7"
+
+
+@dataclass(frozen=True)
+class TrueTrigger:
+    """A ground-truth trigger (self-test and benchmarks only) and its target class."""
+
+    trigger: attacks.Trigger
+    target: int
+
+
+@dataclass
+class Measurement:
+    """CA and ASR of one model on the held-out images."""
+
+    clean_accuracy: float
+    asr_restored: list[float]  # one per PatchTrigger, in order
+    asr_true: list[float]  # one per TrueTrigger, in order (empty without ground truth)
+
+    @property
+    def max_asr_restored(self) -> float:
+        return max(self.asr_restored)
+
+    @property
+    def max_asr_true(self) -> float | None:
+        return max(self.asr_true) if self.asr_true else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"clean_accuracy": self.clean_accuracy, "asr_restored": self.asr_restored,
+                "max_asr_restored": self.max_asr_restored, "asr_true": self.asr_true,
+                "max_asr_true": self.max_asr_true}
+
+
+@dataclass
+class UnlearnResult:
+    """The patched module (pixel space, eval mode, frozen weights) and the figures."""
+
+    module: nn.Module
+    before: Measurement
+    after: Measurement
+    settings: UnlearnSettings
+    triggers: list[PatchTrigger]
+    finetune_images: int
+    measured_images: int
+    measured_on: str  # "evaluation set" or "held-out share of the clean data"
+    seconds: float
+    output: dict[str, Any] = field(default_factory=dict)  # path, format, sha256, export check
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings.model_dump(),
+            "triggers": [{"source": t.source, "target": t.target, "mask_l1": float(t.mask.sum())} for t in self.triggers],
+            "finetune_images": self.finetune_images,
+            "measured_images": self.measured_images,
+            "measured_on": self.measured_on,
+            "before": self.before.to_json(),
+            "after": self.after.to_json(),
+            "ca_drop": self.before.clean_accuracy - self.after.clean_accuracy,
+            "seconds": round(self.seconds, 3),
+            "output": self.output,
+        }
+
+
+# --------------------------------------------------------------------------- triggers
+
+
+def load_restored_triggers(result_path: str | Path) -> tuple[list[PatchTrigger], dict[str, Any]]:
+    """The restored triggers of every flagged class of every restoring detector in a scan's
+    result JSON (arrays read from the `.npy` artifacts beside it). Returns them and the JSON.
+
+    Raises DataError when the file is missing or unreadable, the verdict is not `infected`, or no
+    flagged class has a restored mask and pattern."""
+    path = Path(result_path)
+    if not path.is_file():
+        raise DataError(f"scan result not found: {path}")
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"scan result {path} is not readable JSON: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(result, dict) or not isinstance(result.get("detectors"), dict):
+        raise DataError(f"{path} is not a trojanscan result JSON (no 'detectors')")
+    if result.get("verdict") != "infected":
+        raise DataError(f"scan result {path} has verdict {result.get('verdict')!r}; only an infected model is patched")
+    triggers = []
+    for name, detector in sorted(result["detectors"].items()):
+        artifacts = detector.get("artifacts", {})
+        for k in detector.get("flagged_classes", []):
+            files = artifacts.get(str(k), {})
+            if "mask_npy" not in files or "pattern_npy" not in files:
+                continue
+            mask = _load_array(path.parent / files["mask_npy"])
+            pattern = _load_array(path.parent / files["pattern_npy"])
+            triggers.append(PatchTrigger(target=int(k), mask=mask, pattern=pattern, source=f"{name} class {k}"))
+    if not triggers:
+        raise DataError(f"scan result {path} has no restored trigger for a flagged class "
+                        "(run a restoring detector: tabor, nc or ncpp)")
+    return triggers, result
+
+
+def _load_array(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"restored trigger file not found: {path}")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read restored trigger {path}: {str(exc).splitlines()[0]}") from exc
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def check_triggers(triggers: list[PatchTrigger], image_shape: tuple[int, int, int], num_classes: int) -> None:
+    """Every trigger must fit the images: mask (H, W), pattern (C, H, W), values in [0, 1],
+    target a class of the model."""
+    if not triggers:
+        raise DataError("no restored trigger to unlearn")
+    channels, height, width = image_shape
+    for t in triggers:
+        if t.mask.shape != (height, width) or t.pattern.shape != (channels, height, width):
+            raise DataError(f"restored trigger ({t.source}) has mask {t.mask.shape} and pattern {t.pattern.shape}; "
+                            f"images are {image_shape} (C, H, W)")
+        for name, array in (("mask", t.mask), ("pattern", t.pattern)):
+            if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+                raise DataError(f"restored trigger ({t.source}) {name} must be finite and in [0, 1]")
+        if not 0 <= t.target < num_classes:
+            raise DataError(f"restored trigger ({t.source}) targets class {t.target}; the model has {num_classes}")
+
+
+def stamp_restored(x: np.ndarray, trigger: PatchTrigger) -> np.ndarray:
+    """x' = (1 - m) x + m p on images x (N, C, H, W), the restoration's stamping."""
+    return ((1.0 - trigger.mask) * x + trigger.mask * trigger.pattern).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+@torch.no_grad()
+def _predict(module: nn.Module, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    return np.concatenate([module(torch.from_numpy(x[i:i + batch_size])).argmax(1).numpy()
+                           for i in range(0, len(x), batch_size)])
+
+
+def measure(module: nn.Module, data: CleanData, triggers: list[PatchTrigger],
+            true_triggers: list[TrueTrigger] | None = None) -> Measurement:
+    """CA on `data`, ASR of each restored and each true trigger on its images not of the target."""
+    ca = float((_predict(module, data.x) == data.y).mean())
+    asr_restored = []
+    for t in triggers:
+        others = data.x[data.y != t.target]
+        asr_restored.append(float((_predict(module, stamp_restored(others, t)) == t.target).mean()))
+    asr_true = []
+    for index, t in enumerate(true_triggers or []):
+        triggered = attacks.triggered_set(data, t.trigger, t.target, seed=index)
+        asr_true.append(float((_predict(module, triggered.x) == triggered.y).mean()))
+    return Measurement(ca, asr_restored, asr_true)
+
+
+def split_held_out(data: CleanData, share: float, seed: int) -> tuple[CleanData, CleanData]:
+    """(fine-tune part, measuring part): `share` of each class's images, at least one, drawn
+    with the seed, go to the measuring part; classes with a single image stay in fine-tuning."""
+    rng = np.random.default_rng(seed)
+    held = []
+    for k in np.unique(data.y):
+        index = np.flatnonzero(data.y == k)
+        if len(index) < 2:
+            continue
+        count = min(len(index) - 1, max(1, int(round(share * len(index)))))
+        held.append(rng.choice(index, size=count, replace=False))
+    held_index = np.sort(np.concatenate(held)) if held else np.array([], int)
+    keep = np.ones(len(data), bool)
+    keep[held_index] = False
+    if not held_index.size or not keep.any():
+        raise DataError(f"{len(data)} clean images are too few to fine-tune on and measure on")
+    return data.subset(np.flatnonzero(keep)), data.subset(held_index)
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+def fine_tune(module: nn.Module, data: CleanData, triggers: list[PatchTrigger], settings: UnlearnSettings) -> nn.Module:
+    """A patched copy of `module`: Adam on cross-entropy, `share` of each batch stamped with a
+    restored trigger (drawn per image) and labelled with its true class. The copy stays in eval
+    mode and is returned with frozen weights."""
+    patched = copy.deepcopy(module)
+    params = [p for p in patched.parameters() if p.is_floating_point()]
+    if not params:
+        raise TrojanScanError("the model has no trainable weights to fine-tune")
+    start = [p.detach().clone() for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    optimiser = torch.optim.Adam(params, lr=settings.lr)
+    generator = torch.Generator().manual_seed(settings.seed)
+    masks = torch.from_numpy(np.stack([t.mask for t in triggers]))[:, None]  # (T, 1, H, W)
+    patterns = torch.from_numpy(np.stack([t.pattern for t in triggers]))  # (T, C, H, W)
+    x_all, y_all = torch.from_numpy(data.x), torch.from_numpy(data.y)
+    for _ in range(settings.epochs):
+        order = torch.randperm(len(x_all), generator=generator)
+        stamped = torch.rand(len(x_all), generator=generator) < settings.share
+        which = torch.randint(0, len(triggers), (len(x_all),), generator=generator)
+        for begin in range(0, len(x_all), settings.batch_size):
+            idx = order[begin:begin + settings.batch_size]
+            x, y = x_all[idx], y_all[idx]
+            chosen = stamped[idx]
+            if chosen.any():
+                m, p = masks[which[idx][chosen]], patterns[which[idx][chosen]]
+                if settings.max_shift:
+                    shift = torch.randint(-settings.max_shift, settings.max_shift + 1, (2,), generator=generator)
+                    m, p = (torch.roll(a, shifts=(int(shift[0]), int(shift[1])), dims=(2, 3)) for a in (m, p))
+                x = x.clone()
+                x[chosen] = (1 - m) * x[chosen] + m * p
+            optimiser.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(patched(x), y)
+            loss.backward()
+            optimiser.step()
+    for p in params:
+        p.requires_grad_(False)
+    if all(torch.equal(p, s) for p, s in zip(params, start)):
+        raise TrojanScanError("fine-tuning changed no weight: the model's parameters do not train")
+    return patched
+
+
+def unlearn(module: nn.Module, data: CleanData, triggers: list[PatchTrigger],
+            settings: UnlearnSettings | None = None, *, evaluation: CleanData | None = None,
+            true_triggers: list[TrueTrigger] | None = None) -> UnlearnResult:
+    """Patch `module` (pixel space, e.g. `LoadedModel.module`; left untouched) by fine-tuning on
+    `data` with `triggers` stamped on a share of it. CA/ASR are measured before and after on
+    `evaluation` when given (then all of `data` is fine-tuned on), else on a held-out share of
+    `data` (`settings.held_out` per class)."""
+    settings = settings or UnlearnSettings()
+    started = time.perf_counter()
+    if evaluation is None:
+        train, held = split_held_out(data, settings.held_out, settings.seed)
+        measured_on = f"held-out share {settings.held_out:g} of the clean data"
+    else:
+        train, held, measured_on = data, evaluation, "evaluation set"
+    before = measure(module, held, triggers, true_triggers)
+    patched = fine_tune(module, train, triggers, settings)
+    after = measure(patched, held, triggers, true_triggers)
+    return UnlearnResult(module=patched, before=before, after=after, settings=settings, triggers=list(triggers),
+                         finetune_images=len(train), measured_images=len(held), measured_on=measured_on,
+                         seconds=time.perf_counter() - started)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def export_patched(module: nn.Module, model_format: str, path: str | Path, image_shape: tuple[int, int, int],
+                   check_x: np.ndarray) -> dict[str, Any]:
+    """Write the patched model in `model_format` (onnx or pt2) and check that the written file,
+    loaded back with `load_model` (same normalisation), gives the patched module's logits on
+    `check_x`. Returns the output's path, format, sha256 and the largest logit difference."""
+    from scanner.export import export_onnx, export_pt2, sha256_file
+    from scanner.model_io import PixelSpaceModel, load_model
+
+    if not isinstance(module, PixelSpaceModel):
+        raise TrojanScanError("export_patched needs the PixelSpaceModel that load_model returns")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The file holds the wrapped model only (no normalisation, no batch chunking), like the input
+    # file did; a fresh wrapper keeps .eval() away from a torch.export module, which refuses it.
+    bare = PixelSpaceModel(module.inner, None, inner_trainable=module.inner_trainable)
+    if model_format not in ("onnx", "pt2"):
+        raise TrojanScanError(f"patched models are written as onnx or pt2, not {model_format}")
+    try:
+        (export_onnx if model_format == "onnx" else export_pt2)(bare, path, image_shape)
+    except Exception as exc:  # an exporter failure is an error of this run, reported in one line
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelLoadError(f"cannot export the patched model as {model_format} to {path}: {reason}") from exc
+    normalization = None
+    if module.mean is not None:
+        normalization = (module.mean.flatten().tolist(), module.std.flatten().tolist())
+    reloaded = load_model(path, normalization=normalization, check_data=check_x)
+    with torch.no_grad():
+        x = torch.from_numpy(np.ascontiguousarray(check_x, dtype=np.float32))
+        expected, got = module(x).numpy(), reloaded.module(x).numpy()
+    difference = float(np.abs(expected - got).max())
+    if difference > EXPORT_TOLERANCE * max(1.0, float(np.abs(expected).max())):
+        raise ModelLoadError(f"the exported patched model {path} differs from the patched module by {difference:.2e}")
+    return {"path": str(path), "format": reloaded.format, "sha256": reloaded.sha256,
+            "max_abs_logit_difference": difference}
+
+
+def unlearn_files(model_path: str | Path, data: str | Path | CleanData, result_path: str | Path,
+                  out_path: str | Path, settings: UnlearnSettings | None = None, *,
+                  evaluation: CleanData | None = None, true_triggers: list[TrueTrigger] | None = None,
+                  normalization: tuple[list[float], list[float]] | None = None) -> UnlearnResult:
+    """The whole patch: load the model (ONNX or pt2) and clean data, read the restored triggers
+    of a scan's result JSON, unlearn, write the patched model in the input's format to
+    `out_path` and check it. The normalisation defaults to the one the scan recorded.
+
+    Raises TrojanScanError subclasses (exit 2) on bad input: missing files, a result that is not
+    infected or restored nothing, a result of another model file, shapes that do not fit."""
+    from scanner.model_io import FORMAT_ONNX, FORMAT_PT2, load_model
+
+    triggers, result = load_restored_triggers(result_path)
+    clean = data if isinstance(data, CleanData) else CleanData.load_npz(data)
+    if normalization is None and result.get("model", {}).get("normalization"):
+        normalization = tuple(result["model"]["normalization"])  # type: ignore[assignment]
+    loaded = load_model(model_path, normalization=normalization, check_data=clean.x[:64])
+    if loaded.format not in (FORMAT_ONNX, FORMAT_PT2):
+        raise TrojanScanError(f"unlearning needs an ONNX or .pt2 model, {model_path} is {loaded.format}")
+    scanned_sha = result.get("model", {}).get("sha256")
+    if scanned_sha and scanned_sha != loaded.sha256:
+        raise DataError(f"scan result {result_path} is of another model file (sha256 {scanned_sha[:12]}..., "
+                        f"{model_path} is {loaded.sha256[:12]}...)")
+    num_classes = loaded.num_classes or 0
+    clean.check_fits(num_classes, loaded.input_shape)
+    if evaluation is not None:
+        evaluation.check_fits(num_classes, clean.image_shape)
+    check_triggers(triggers, clean.image_shape, num_classes)
+    outcome = unlearn(loaded.module, clean, triggers, settings, evaluation=evaluation, true_triggers=true_triggers)
+    check_x = (evaluation if evaluation is not None else clean).x[:64]
+    outcome.output = export_patched(outcome.module, loaded.format, out_path, clean.image_shape, check_x)
+    outcome.output["source"] = {"path": str(model_path), "sha256": loaded.sha256, "result": str(result_path)}
+    return outcome

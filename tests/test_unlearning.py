@@ -1,0 +1,207 @@
+"""Unlearning on the Fashion-MNIST smoke zoo's trojan (4x4 white square, bottom-right, target 7).
+
+The restored trigger comes from a real, short TABOR restoration on the trojan's ONNX file (run
+once per module); ASR with the TRUE trigger is measured on test images neither the
+zoo model nor the fine-tune saw."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scanner import attacks
+from scanner.data import CleanData
+from scanner.errors import DataError
+from scanner.fashion_mnist import load_fashion_mnist
+from scanner.model_io import load_model
+from scanner.detectors.base import DetectionResult, RestoredTrigger
+from scanner.detectors.restoration import restore_triggers
+from scanner.detectors.tabor import TaborSettings, blocking_and_overlaying, tabor_regularizers
+from scanner.scan import ScanResult, ScanSettings, save_artifacts
+from scanner.unlearning import (
+    TrueTrigger,
+    UnlearnSettings,
+    export_patched,
+    load_restored_triggers,
+    split_held_out,
+    unlearn,
+    unlearn_files,
+)
+
+RESTORE_STEPS = 200  # a short TABOR restoration of the target class: ~4 s on one core
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scanner.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def one_line(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def smoke(fm_smoke_zoo, tmp_path_factory):
+    """(zoo folder, trojan manifest entry, result JSON of its ONNX file, test images).
+
+    A full TABOR scan costs minutes on a shared 2-core machine, so the result is built from a
+    short real TABOR restoration of the target class only (eqs. 2-3, `RESTORE_STEPS` steps) and
+    written by the scanner's own result writer (`ScanResult.to_json`, `save_artifacts`). It has
+    no anomaly statistics (index 0 everywhere); unlearning reads only the verdict, the flagged
+    classes, the restored arrays and the model's sha256."""
+    zoo, manifest = fm_smoke_zoo
+    trojan = next(entry for entry in manifest["models"] if entry["trojaned"])
+    target = trojan["targets"][0]
+    model_path = zoo / trojan["files"]["onnx"]["path"]
+    clean = CleanData.load_npz(zoo / "clean_samples.npz")
+    loaded = load_model(model_path, check_data=clean.x[:8])
+    s = TaborSettings(max_steps=RESTORE_STEPS)
+    outcome = restore_triggers(
+        loaded.module, clean.x, clean.y, 10, s, seed=0, device=torch.device("cpu"), slots=1,
+        size_penalty=lambda mask, pattern: tabor_regularizers(mask, pattern, s),
+        extra_loss=lambda m, x, y, mask, pattern, t: blocking_and_overlaying(m, x, y, mask, pattern, t, s),
+        classes=[target])
+    assert outcome.reached[target] and outcome.attack_success[target] >= 0.9
+    trigger = RestoredTrigger(mask=outcome.masks[target], pattern=outcome.patterns[target],
+                              attack_success=float(outcome.attack_success[target]))
+    detection = DetectionResult(detector="tabor", anomaly_index=np.zeros(10), flagged_classes=[target], statistics={},
+                                settings=s.model_dump(), seed=0, seconds=0.0, triggers={target: trigger},
+                                notes={"test": f"short restoration of class {target} only"})
+    result = ScanResult(model={"reference": str(model_path), "sha256": loaded.sha256, "normalization": None},
+                        data={"reference": str(zoo / "clean_samples.npz")}, settings=ScanSettings(detectors=("tabor",)),
+                        detections={"tabor": detection}, verdict="infected", reasons=[f"tabor flags class {target}"])
+    out = tmp_path_factory.mktemp("unlearn-scan")
+    save_artifacts(result, clean, out)
+    (out / "result.json").write_text(json.dumps(result.to_json()))
+    return zoo, trojan, out / "result.json", load_fashion_mnist("test")
+
+
+def finetune_and_evaluation(test: CleanData) -> tuple[CleanData, CleanData]:
+    """1500 test images to fine-tune on, 2000 others to measure on (the smoke zoo trained on the
+    train split and keeps test[9000:] for its clean samples)."""
+    return test.subset(slice(0, 1500)), test.subset(slice(1500, 3500))
+
+
+def true_triggers(entry: dict) -> list[TrueTrigger]:
+    spec = attacks.AttackSpec(**entry["attack"])
+    return [TrueTrigger(t, target) for t, target in zip(attacks.build_triggers(spec, 1), spec.targets)]
+
+
+SETTINGS = UnlearnSettings(epochs=3, share=0.3, lr=1e-3)
+
+
+def test_onnx_model_is_patched_and_written_as_onnx(smoke, tmp_path):
+    zoo, trojan, result_json, test = smoke
+    train, evaluation = finetune_and_evaluation(test)
+    out = tmp_path / "patched.onnx"
+    outcome = unlearn_files(zoo / trojan["files"]["onnx"]["path"], train, result_json, out, SETTINGS,
+                            evaluation=evaluation, true_triggers=true_triggers(trojan))
+    assert outcome.before.max_asr_true >= 0.9
+    assert outcome.after.max_asr_true <= 0.1, outcome.to_json()
+    assert outcome.after.max_asr_restored <= 0.1
+    assert outcome.after.clean_accuracy >= outcome.before.clean_accuracy - 0.02
+    reloaded = load_model(out, check_data=evaluation.x[:16])
+    assert reloaded.format == "onnx" and outcome.output["format"] == "onnx"
+    assert reloaded.sha256 != trojan["files"]["onnx"]["sha256"]
+    with torch.no_grad():
+        x = torch.from_numpy(evaluation.x[:32])
+        assert np.allclose(reloaded.module(x).numpy(), outcome.module(x).numpy(), atol=1e-4)
+
+
+def test_pt2_program_trains_and_is_written_as_pt2(smoke, tmp_path):
+    zoo, trojan, result_json, test = smoke
+    train, evaluation = finetune_and_evaluation(test)
+    loaded = load_model(zoo / trojan["files"]["pt2"]["path"], check_data=train.x[:8])
+    assert loaded.format == "pt2"
+    with pytest.raises(NotImplementedError):
+        loaded.module.inner.eval()  # a torch.export module refuses it; unlearning must not need it
+    triggers, _ = load_restored_triggers(result_json)
+    before_weights = [p.clone() for p in loaded.module.parameters()]
+    outcome = unlearn(loaded.module, train, triggers, SETTINGS, evaluation=evaluation,
+                      true_triggers=true_triggers(trojan))
+    assert all(torch.equal(a, b) for a, b in zip(before_weights, loaded.module.parameters())), "input was modified"
+    changed = [not torch.equal(a, b) for a, b in zip(before_weights, outcome.module.parameters())]
+    assert len(changed) >= 4 and all(changed), "every weight of the exported program should train"
+    assert outcome.before.max_asr_true >= 0.9 and outcome.after.max_asr_true <= 0.1
+    assert outcome.after.clean_accuracy >= outcome.before.clean_accuracy - 0.02
+    written = export_patched(outcome.module, "pt2", tmp_path / "patched.pt2", (1, 28, 28), evaluation.x[:32])
+    reloaded = load_model(tmp_path / "patched.pt2", check_data=evaluation.x[:8])
+    assert written["format"] == reloaded.format == "pt2"
+    with torch.no_grad():
+        x = torch.from_numpy(evaluation.x[:64])
+        assert np.allclose(reloaded.module(x).numpy(), outcome.module(x).numpy(), atol=1e-4)
+
+
+def test_held_out_split_is_disjoint_and_per_class(smoke):
+    *_, test = smoke
+    data = test.subset(slice(0, 500))
+    train, held = split_held_out(data, 0.2, seed=0)
+    assert len(train) + len(held) == len(data)
+    assert set(np.bincount(held.y, minlength=10)) <= {round(0.2 * c) for c in np.bincount(data.y)}
+    keys = lambda d: {a.tobytes() + bytes([b]) for a, b in zip(d.x, d.y)}  # noqa: E731
+    assert not keys(train) & keys(held)
+
+
+def test_cli_patches_and_prints_before_and_after(smoke, tmp_path):
+    zoo, trojan, result_json, test = smoke
+    data = tmp_path / "clean.npz"
+    test.subset(slice(0, 2500)).save_npz(data)
+    done = run_cli("unlearn", str(zoo / trojan["files"]["onnx"]["path"]), "--data", str(data), "--result",
+                   str(result_json), "--out", str(tmp_path / "patched.onnx"), "--epochs", "3", "--share", "0.3",
+                   "--lr", "1e-3", "--json", str(tmp_path / "metrics.json"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "CA" in done.stdout and "ASR" in done.stdout
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    held = sum(round(0.2 * count) for count in np.bincount(test.y[:2500]))  # 20% of each class held out
+    assert metrics["measured_images"] == held and metrics["finetune_images"] == 2500 - held
+    assert metrics["before"]["max_asr_restored"] >= 0.9 and metrics["after"]["max_asr_restored"] <= 0.1
+    assert metrics["settings"]["epochs"] == 3 and metrics["output"]["format"] == "onnx"
+    assert load_model(tmp_path / "patched.onnx", check_data=test.x[:8]).format == "onnx"
+
+
+def test_cli_refuses_bad_inputs_with_exit_2(smoke, tmp_path):
+    zoo, trojan, result_json, test = smoke
+    model = str(zoo / trojan["files"]["onnx"]["path"])
+    good_data = tmp_path / "clean.npz"
+    test.subset(slice(0, 300)).save_npz(good_data)
+    clean_result = tmp_path / "clean-result.json"
+    clean_result.write_text(json.dumps(json.loads(result_json.read_text()) | {"verdict": "clean"}))
+    rgb = tmp_path / "rgb.npz"
+    CleanData(np.zeros((20, 3, 32, 32), np.float32), np.arange(20) % 10).save_npz(rgb)
+    cases = {
+        "not infected": (model, good_data, clean_result),
+        "no result": (model, good_data, tmp_path / "missing.json"),
+        "no model": (str(tmp_path / "missing.onnx"), good_data, result_json),
+        "wrong shape": (model, rgb, result_json),
+        "other model": (str(zoo / trojan["files"]["pt2"]["path"]), good_data, result_json),
+    }
+    for name, (m, d, r) in cases.items():
+        done = run_cli("unlearn", m, "--data", str(d), "--result", str(r), "--out", str(tmp_path / f"{name}.onnx"))
+        assert done.returncode == 2, (name, done.stdout, done.stderr)
+        assert one_line(done.stderr).startswith("trojanscan: error:"), name
+        assert not (tmp_path / f"{name}.onnx").exists()
+    usage = run_cli("unlearn", model, "--data", str(good_data), "--result", str(result_json), "--out",
+                    str(tmp_path / "u.onnx"), "--share", "1.5")
+    assert usage.returncode == 4 and one_line(usage.stderr).startswith("trojanscan: usage:")
+    missing_option = run_cli("unlearn", model, "--data", str(good_data), "--result", str(result_json))
+    assert missing_option.returncode == 4
+
+
+def test_a_restored_trigger_that_does_not_fit_is_refused(smoke, tmp_path):
+    zoo, trojan, result_json, test = smoke
+    result = json.loads(result_json.read_text())
+    files = result["detectors"]["tabor"]["artifacts"]["7"]
+    np.save(tmp_path / "small_mask.npy", np.ones((5, 5), np.float32))
+    files["mask_npy"] = str(tmp_path / "small_mask.npy")
+    files["pattern_npy"] = str(result_json.parent / files["pattern_npy"])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(result))
+    with pytest.raises(DataError, match="mask"):
+        unlearn_files(zoo / trojan["files"]["onnx"]["path"], test.subset(slice(0, 200)), bad, tmp_path / "x.onnx")
