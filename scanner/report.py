@@ -195,7 +195,7 @@ def ground_truth_from_manifest(manifest_path: str | Path, model_id: str) -> dict
     raise ReportError(f"model {model_id!r} is not in {manifest_path}")
 
 
-def _truth_comparison(truth: dict[str, Any], name: str, detector: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+def _truth_comparison(truth: dict[str, Any], detector: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     """Per true target: the true mask/pattern pictures beside the restored trigger, and mask F1
     (several triggers to one target are judged against their union, as the detection benchmark does)."""
     flagged = [int(k) for k in detector.get("flagged_classes", [])]
@@ -241,13 +241,16 @@ def _detector_view(name: str, detector: dict[str, Any], threshold: float, base_d
     label = DETECTOR_NAMES.get(name, name)
     attack_success = detector.get("attack_success", {}) or {}
     artifacts = detector.get("artifacts", {}) or {}
+
     def index_of(key: str) -> float | None:
         k = int(key) if str(key).isdigit() else -1
         return indices[k] if 0 <= k < len(indices) else None
 
-    # flagged classes first, then the most suspicious ones, each by anomaly index
-    order = sorted(artifacts, key=lambda key: (not (str(key).isdigit() and int(key) in flagged),
-                                               -(index_of(key) if index_of(key) is not None else -math.inf)))
+    def shown_first(key: str) -> tuple[bool, float]:  # flagged classes first, then by anomaly index
+        index = index_of(key)
+        return (not (str(key).isdigit() and int(key) in flagged), -index if index is not None else math.inf)
+
+    order = sorted(artifacts, key=shown_first)
     classes = []
     for key in order:
         files = artifacts[key]
@@ -272,7 +275,7 @@ def _detector_view(name: str, detector: dict[str, Any], threshold: float, base_d
         "statistics_rows": [[k, *(vals[k] if k < len(vals) else None for vals in statistics.values())]
                             for k in range(len(indices))],
         "classes": classes,
-        "truth": _truth_comparison(truth, name, detector, base_dir) if truth else None,
+        "truth": _truth_comparison(truth, detector, base_dir) if truth else None,
     }
 
 

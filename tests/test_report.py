@@ -43,7 +43,8 @@ def reports(fm_smoke_zoo, tmp_path_factory) -> dict[str, Path]:
     assert done.returncode == 0, done.stdout + done.stderr
 
     # Infected: a short TABOR still restores pictures for every class; NI flags the target.
-    settings = ScanSettings(detectors=("ni", "tabor"), detector_settings={"tabor": {"max_steps": 50, "batch_size": 16, "prune_steps": 10, "slots": 10}})
+    short_tabor = {"max_steps": 50, "batch_size": 16, "prune_steps": 10, "slots": 10}
+    settings = ScanSettings(detectors=("ni", "tabor"), detector_settings={"tabor": short_tabor})
     infected_dir = out / "infected"
     result = scan_model(zoo / models[TROJAN]["files"]["onnx"]["path"], zoo / "clean_samples.npz", settings,
                         out_dir=infected_dir, model_reference=f"{PAYLOAD}fm-square4-br.onnx")
@@ -115,6 +116,16 @@ def test_error_result_renders_with_its_reason(reports, tmp_path):
     assert '<span class="verdict-word">ERROR</span>' in html
     assert "not known to be clean" in html and "no clean data: pass --data" in html
     assert "not computed" in html  # no sha256 for a model that was never loaded
+
+
+def test_missing_pictures_and_partial_results_still_render(reports, tmp_path):
+    result = json.loads(reports["infected_json"].read_text())
+    result["detectors"]["tabor"]["artifacts"]["7"]["stamped"] = "triggers/tabor/gone.png"
+    del result["versions"], result["registry"], result["timings"]
+    html = render_report(result, reports["infected_json"].parent)
+    assert "picture not found: triggers/tabor/gone.png" in html and "not scanned from a model registry" in html
+    html = render_report({"verdict": "something else", "detectors": {"ni": {"anomaly_index": [1.0, None, 3.0]}}}, tmp_path)
+    assert '<span class="verdict-word">ERROR</span>' in html and html.count('class="bar') == 2
 
 
 def test_reports_reference_nothing_outside_the_file(reports):
