@@ -279,6 +279,27 @@ def _detector_view(name: str, detector: dict[str, Any], threshold: float, base_d
     }
 
 
+def _unlearning_view(raw: Any) -> dict[str, Any] | None:
+    """CA/ASR before and after unlearning, from either a flat dict (ca_before, ca_after,
+    asr_before, asr_after) or scanner.unlearning's nested one (before/after measurements)."""
+    if not isinstance(raw, dict):
+        return None
+    flat = ("ca_before", "ca_after", "asr_before", "asr_after")
+    view: dict[str, Any] = {key: raw.get(key) for key in flat}
+    view["asr_source"] = None
+    before, after = raw.get("before"), raw.get("after")
+    if isinstance(before, dict) and isinstance(after, dict):
+        view["ca_before"] = view["ca_before"] if view["ca_before"] is not None else before.get("clean_accuracy")
+        view["ca_after"] = view["ca_after"] if view["ca_after"] is not None else after.get("clean_accuracy")
+        if view["asr_before"] is None and view["asr_after"] is None:
+            # the real trigger's ASR when ground truth was known, else the restored triggers'
+            key = "max_asr_true" if before.get("max_asr_true") is not None else "max_asr_restored"
+            view["asr_before"], view["asr_after"] = before.get(key), after.get(key)
+            view["asr_source"] = "real trigger" if key == "max_asr_true" else "restored triggers"
+    view["extra"] = {key: value for key, value in raw.items() if key not in flat}
+    return view
+
+
 def _environment() -> Environment:
     env = Environment(loader=FileSystemLoader(TEMPLATES_DIR), autoescape=True, undefined=StrictUndefined,
                       trim_blocks=True, lstrip_blocks=True)
@@ -313,7 +334,7 @@ def render_report(result: dict[str, Any], base_dir: Path, ground_truth: dict[str
     threshold = _number(settings.get("threshold")) or 2.0
     detectors = [_detector_view(name, detector, threshold, base_dir, ground_truth)
                  for name, detector in (result.get("detectors") or {}).items()]
-    unlearning = result.get("unlearning") if isinstance(result.get("unlearning"), dict) else None
+    unlearning = _unlearning_view(result.get("unlearning"))
     verdict = str(result.get("verdict", "error"))
     context = {
         "r": result,
@@ -328,8 +349,6 @@ def render_report(result: dict[str, Any], base_dir: Path, ground_truth: dict[str
         "detectors": detectors,
         "truth": ground_truth,
         "unlearning": unlearning,
-        "unlearning_extra": {k: v for k, v in (unlearning or {}).items()
-                             if k not in ("ca_before", "ca_after", "asr_before", "asr_after")},
         "detector_names": DETECTOR_NAMES,
     }
     return _environment().get_template("report.html.j2").render(**context)

@@ -124,6 +124,13 @@ def test_missing_pictures_and_partial_results_still_render(reports, tmp_path):
     del result["versions"], result["registry"], result["timings"]
     html = render_report(result, reports["infected_json"].parent)
     assert "picture not found: triggers/tabor/gone.png" in html and "not scanned from a model registry" in html
+    # scanner.unlearning's own shape: before/after measurements
+    result["unlearning"] = {"before": {"clean_accuracy": 0.9, "max_asr_restored": 0.97, "max_asr_true": 0.99},
+                            "after": {"clean_accuracy": 0.89, "max_asr_restored": 0.02, "max_asr_true": 0.015}}
+    html = render_report(result, reports["infected_json"].parent)
+    unlearning = html[html.index('id="unlearning"'):html.index('id="glossary"')]
+    assert "ASR, real trigger" in unlearning and "99.0%" in unlearning and "1.5%" in unlearning
+    assert "-1.0 points" in unlearning and "-97.5 points" in unlearning
     html = render_report({"verdict": "something else", "detectors": {"ni": {"anomaly_index": [1.0, None, 3.0]}}}, tmp_path)
     assert '<span class="verdict-word">ERROR</span>' in html and html.count('class="bar') == 2
 
