@@ -94,7 +94,7 @@ def bar_chart_svg(values: list[Any], threshold: float, flagged: list[int], title
     finite = [v for v in numbers if v is not None]
     top = max([threshold * 1.15, *(v * 1.1 for v in finite)]) if finite else threshold * 1.15
     bottom = min([0.0, *(v * 1.1 for v in finite)]) if finite else 0.0
-    step = max(12, min(64, 640 // max(len(numbers), 1)))  # pixels per class
+    step = max(12, min(64, 1000 // max(len(numbers), 1)))  # pixels per class
     left, right, upper, lower, height = 44, 10, 10, 36, 200
     width = left + step * len(numbers) + right
 
@@ -115,7 +115,8 @@ def bar_chart_svg(values: list[Any], threshold: float, flagged: list[int], title
     for k, value in enumerate(numbers):
         x = left + k * step
         label_y = upper + height + 14
-        parts.append(f'<text class="tick" x="{x + step / 2:.1f}" y="{label_y}" text-anchor="middle">{k}</text>')
+        if step >= 20 or k % 5 == 0 or k in flagged:  # narrow bars: label every fifth class and the flagged ones
+            parts.append(f'<text class="tick" x="{x + step / 2:.1f}" y="{label_y}" text-anchor="middle">{k}</text>')
         if value is None:
             parts.append(f'<text class="tick" x="{x + step / 2:.1f}" y="{zero - 3:.1f}" text-anchor="middle">n/a</text>')
             continue
