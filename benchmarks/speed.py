@@ -6,8 +6,16 @@ Each measurement runs in a fresh process (so its peak RSS is its own) on the sam
 clean data. Ratios (larger = the first is slower, except scan_over_raw_throughput):
 nc_over_ni, tabor_over_nc, sequential_over_batched (Neural Cleanse one class at a time vs all
 classes batched), scan_over_raw_throughput (restoration images/s over the best raw
-forward+backward images/s across batch sizes), tabor_over_cascade (not built yet: null).
+forward+backward images/s across batch sizes), tabor_over_cascade (full TABOR seconds over the
+`--mode fast` cascade's seconds, NeuronInspect included, measured back to back on the same model).
 Writes benchmarks/results/speed.json and .md.
+
+    python benchmarks/speed.py --cascade-only --threads 1 [--catches fm-square3-br,fm-clean-cnn-s1,...]
+
+measures only full TABOR and the cascade (plus NeuronInspect) and merges tabor_over_cascade into
+the existing speed.json, keeping the other ratios with the command that measured them (for a
+machine shared with other work, where the full run would take too long). `--catches` also runs
+full TABOR and the cascade on more zoo models and records whether they flag the same classes.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.results_file import markdown_table, write_results  # noqa: E402
+from benchmarks.results_file import RESULTS_DIR, markdown_table, write_results  # noqa: E402
 
 
 def measure(model_path: str, data_path: str, detector: str, settings: dict, threads: int, queue) -> None:
@@ -37,12 +45,24 @@ def measure(model_path: str, data_path: str, detector: str, settings: dict, thre
 
     data = CleanData.load_npz(data_path)
     loaded = load_model(model_path, check_data=data.x[:64])
-    cls = DETECTORS[detector]
     started = time.perf_counter()
-    result = cls(cls.settings_model(**settings), seed=0).scan(loaded.module, data, loaded.num_classes)
+    if detector == "cascade":
+        # the whole `--mode fast` path: NeuronInspect, then TABOR on its suspects
+        from scanner.scan import ScanSettings, run_detectors
+
+        both = run_detectors(loaded.module, data, loaded.num_classes,
+                             ScanSettings(detectors=("ni", "tabor"), mode="fast", detector_settings=settings),
+                             torch.device("cpu"))
+        result = both["tabor"]
+        result.notes["ni_seconds"] = both["ni"].seconds
+    else:
+        cls = DETECTORS[detector]
+        result = cls(cls.settings_model(**settings), seed=0).scan(loaded.module, data, loaded.num_classes)
     seconds = time.perf_counter() - started
     report = {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "flagged": result.flagged_classes, "notes": {k: v for k, v in result.notes.items() if k != "device_probe"}}
+    if detector in ("tabor", "cascade"):
+        report["anomaly_index"] = [round(float(v), 3) for v in result.anomaly_index]
     if "steps" in result.notes:
         batch = result.settings["batch_size"]
         report["restoration_images"] = int(sum(result.notes["steps"]) * batch)
@@ -65,18 +85,89 @@ def run(model_path: Path, data_path: Path, detector: str, settings: dict, thread
     return report
 
 
+def model_files(zoo: Path, model_id: str) -> tuple[Path, Path, dict]:
+    manifest = json.loads((zoo / "manifest.json").read_text())
+    entry = next(m for m in manifest["models"] if m["id"] == model_id)
+    return zoo / entry["files"]["onnx"]["path"], zoo / "clean_samples.npz", entry
+
+
+def cascade_rows(zoo: Path, model_ids: list[str], threads: int, first: dict[str, tuple[dict, dict]]) -> list[dict]:
+    """Full TABOR vs the cascade per model: flagged classes, whether the targets are caught, seconds.
+    `first` holds runs already made (the speed model) so they are not repeated."""
+    rows = []
+    for model_id in model_ids:
+        model_path, data_path, entry = model_files(zoo, model_id)
+        full, fast = first.get(model_id) or (run(model_path, data_path, "tabor", {}, threads),
+                                             run(model_path, data_path, "cascade", {}, threads))
+        targets = entry.get("targets") or []
+        rows.append({"model_id": model_id, "targets": targets, "tabor_flagged": full["flagged"],
+                     "cascade_flagged": fast["flagged"],
+                     "cascade_restored": fast["notes"]["cascade"]["restored_classes"],
+                     "tabor_catches": sorted(set(targets) & set(full["flagged"])),
+                     "cascade_catches": sorted(set(targets) & set(fast["flagged"])),
+                     "same_flags": full["flagged"] == fast["flagged"],
+                     "same_catches": set(targets) & set(full["flagged"]) == set(targets) & set(fast["flagged"]),
+                     "tabor_seconds": full["seconds"], "cascade_seconds": fast["seconds"]})
+    return rows
+
+
+def cascade_table(rows: list[dict]) -> str:
+    return markdown_table(
+        ["model", "targets", "full TABOR flags", "cascade restores", "cascade flags", "same catches", "full s",
+         "cascade s"],
+        [[r["model_id"], r["targets"], r["tabor_flagged"], r["cascade_restored"], r["cascade_flagged"],
+          "yes" if r["same_catches"] else "NO", f"{r['tabor_seconds']:.1f}", f"{r['cascade_seconds']:.1f}"]
+         for r in rows])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", type=Path, default=Path("zoo/fashion-mnist"))
     parser.add_argument("--model", default="fm-square5-br")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cascade-only", action="store_true",
+                        help="measure only full TABOR vs the cascade and merge into the existing speed.json")
+    parser.add_argument("--catches", default="", help="more zoo model ids to compare full TABOR and the cascade on")
     args = parser.parse_args()
-    manifest = json.loads((args.zoo / "manifest.json").read_text())
-    entry = next(m for m in manifest["models"] if m["id"] == args.model)
-    model_path, data_path = args.zoo / entry["files"]["onnx"]["path"], args.zoo / "clean_samples.npz"
+    model_path, data_path, _ = model_files(args.zoo, args.model)
+    more = [m for m in args.catches.split(",") if m and m != args.model]
+
+    if args.cascade_only:
+        tabor = run(model_path, data_path, "tabor", {}, args.threads)
+        cascade = run(model_path, data_path, "cascade", {}, args.threads)
+        rows = cascade_rows(args.zoo, [args.model, *more], args.threads, {args.model: (tabor, cascade)})
+        previous = json.loads((RESULTS_DIR / "speed.json").read_text())
+        if previous.get("model_id") != args.model:
+            raise SystemExit(f"speed.json was measured on {previous.get('model_id')}, not {args.model}")
+        sources = previous.get("ratio_sources") or {k: previous["command"] for k in previous["ratios"]}
+        ratio = tabor["seconds"] / cascade["seconds"]
+        figures = {k: v for k, v in previous.items()
+                   if k not in ("benchmark", "created", "command", "machine", "versions", "git_commit")}
+        figures["ratios"] = previous["ratios"] | {"tabor_over_cascade": ratio}
+        figures["ratio_sources"] = sources | {"tabor_over_cascade": f"{' '.join(['python', *sys.argv])} "
+                                                                    f"(threads {args.threads})"}
+        figures["seconds"] = previous["seconds"] | {"tabor_for_cascade_ratio": tabor["seconds"],
+                                                    "cascade": cascade["seconds"]}
+        figures["peak_memory_mb"] = previous["peak_memory_mb"] | {"cascade": cascade["peak_rss_mb"]}
+        figures["cascade"] = {"threads": args.threads, "tabor": tabor, "cascade": cascade, "catches": rows,
+                              "same_catches": f"{sum(r['same_catches'] for r in rows)}/{len(rows)}"}
+        old_table = (RESULTS_DIR / "speed.md").read_text().split("\n\n", 1)[1]
+        old_table = old_table.split("\n\n## Cascade", 1)[0].replace("| tabor_over_cascade | - |",
+                                                                     f"| tabor_over_cascade | {ratio:.2f} |")
+        table = (f"Figures other than the cascade's: `{previous['command']}` at {previous['created']}, commit "
+                 f"{previous['git_commit']}.\n\n{old_table.strip()}\n\n## Cascade (`--mode fast`), {args.threads} "
+                 f"thread(s)\n\nFull TABOR {tabor['seconds']:.1f} s, cascade {cascade['seconds']:.1f} s "
+                 f"(NeuronInspect {cascade['notes']['ni_seconds']:.1f} s + TABOR on classes "
+                 f"{cascade['notes']['cascade']['restored_classes']}): tabor_over_cascade = {ratio:.2f}.\n\n"
+                 + cascade_table(rows))
+        write_results("speed", figures, table)
+        print(table)
+        return 0
 
     reports = {name: run(model_path, data_path, name, {}, args.threads) for name in ("ni", "nc", "tabor", "ncpp")}
     sequential = run(model_path, data_path, "nc", {"slots": 1}, args.threads)
+    cascade = run(model_path, data_path, "cascade", {}, args.threads)
+    rows = cascade_rows(args.zoo, [args.model, *more], args.threads, {args.model: (reports["tabor"], cascade)})
     nc = reports["nc"]
     scan_rate = nc["restoration_images"] / nc["seconds"]
     ratios = {
@@ -84,21 +175,26 @@ def main() -> int:
         "tabor_over_nc": reports["tabor"]["seconds"] / nc["seconds"],
         "sequential_over_batched": sequential["seconds"] / nc["seconds"],
         "scan_over_raw_throughput": scan_rate / nc["raw_best_images_per_second"],
-        "tabor_over_cascade": None,
+        "tabor_over_cascade": reports["tabor"]["seconds"] / cascade["seconds"],
     }
     default_scan = reports["ni"]["seconds"] + reports["tabor"]["seconds"]
-    rows = [[name, f"{r['seconds']:.1f}", f"{r['peak_rss_mb']:.0f}", r["flagged"]] for name, r in reports.items()]
-    rows.append(["nc one class at a time", f"{sequential['seconds']:.1f}", f"{sequential['peak_rss_mb']:.0f}",
-                 sequential["flagged"]])
-    table = markdown_table(["detector", "seconds", "peak RSS MB", "flagged"], rows)
+    rows_table = [[name, f"{r['seconds']:.1f}", f"{r['peak_rss_mb']:.0f}", r["flagged"]] for name, r in reports.items()]
+    rows_table.append(["nc one class at a time", f"{sequential['seconds']:.1f}", f"{sequential['peak_rss_mb']:.0f}",
+                       sequential["flagged"]])
+    rows_table.append(["cascade (ni + tabor on suspects)", f"{cascade['seconds']:.1f}", f"{cascade['peak_rss_mb']:.0f}",
+                       cascade["flagged"]])
+    table = markdown_table(["detector", "seconds", "peak RSS MB", "flagged"], rows_table)
     table += "\n\n" + markdown_table(["ratio", "value"], [[k, "-" if v is None else f"{v:.2f}"] for k, v in ratios.items()])
     table += f"\n\nDefault scan (ni + tabor): {default_scan:.1f} s. NC restoration {scan_rate:.0f} images/s vs raw best " \
-             f"{nc['raw_best_images_per_second']:.0f} images/s. Cascade (`--mode fast`) not built yet."
+             f"{nc['raw_best_images_per_second']:.0f} images/s.\n\n## Cascade (`--mode fast`)\n\n" + cascade_table(rows)
     write_results("speed", {"model_id": args.model, "device": "cpu", "threads": args.threads, "ratios": ratios,
                             "seconds": {k: r["seconds"] for k, r in reports.items()} | {"nc_sequential": sequential["seconds"],
-                                                                                       "default_scan_ni_tabor": default_scan},
-                            "peak_memory_mb": {k: r["peak_rss_mb"] for k, r in reports.items()},
-                            "details": reports | {"nc_sequential": sequential}}, table)
+                                                                                       "default_scan_ni_tabor": default_scan,
+                                                                                       "cascade": cascade["seconds"]},
+                            "peak_memory_mb": {k: r["peak_rss_mb"] for k, r in reports.items()} | {"cascade": cascade["peak_rss_mb"]},
+                            "cascade": {"threads": args.threads, "catches": rows,
+                                        "same_catches": f"{sum(r['same_catches'] for r in rows)}/{len(rows)}"},
+                            "details": reports | {"nc_sequential": sequential, "cascade": cascade}}, table)
     print(table)
     return 0
 

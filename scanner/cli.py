@@ -142,6 +142,13 @@ def scan(
         usage(f"--detectors takes names from {sorted(DETECTORS)}, got {detectors!r}")
     if mode not in ("full", "fast"):
         usage(f"--mode must be full or fast, got {mode!r}")
+    if mode == "fast":
+        from scanner.cascade import CascadeUsageError, check_detectors
+
+        try:
+            check_detectors(names)
+        except CascadeUsageError as error:
+            usage(str(error))
     means, stds = _float_list(mean, "--mean"), _float_list(std, "--std")
     if (means is None) != (stds is None):
         usage("--mean and --std go together")

@@ -123,18 +123,30 @@ def run_detectors(model: torch.nn.Module, data: CleanData, num_classes: int, set
     unknown = [name for name in settings.detectors if name not in DETECTORS]
     if unknown:
         raise TrojanScanError(f"unknown detector(s) {unknown}; known: {sorted(DETECTORS)}")
+    cascade = None
     if settings.mode == "fast":
-        raise TrojanScanError("--mode fast (the NeuronInspect -> TABOR cascade) is not implemented yet")
+        # the NeuronInspect -> TABOR cascade (scanner/cascade.py): NI runs first, TABOR restores its suspects
+        from scanner.cascade import CascadeSettings, check_detectors
+
+        check_detectors(settings.detectors)
+        cascade = CascadeSettings(**settings.detector_settings.get("cascade", {}))
+    order = sorted(settings.detectors, key=lambda name: name != "ni") if cascade else settings.detectors
     results = {}
-    for name in settings.detectors:
+    for name in order:
         cls = DETECTORS[name]
         detector_settings = cls.settings_model(threshold=settings.threshold,
                                                **settings.detector_settings.get(name, {}))
         kwargs = {"seed": settings.seed, "device": device}
         if progress is not None:
             kwargs["progress"] = progress
-        results[name] = cls(detector_settings, **kwargs).scan(model, data, num_classes)
-    return results
+        detector = cls(detector_settings, **kwargs)
+        if cascade is not None and name == "tabor":
+            from scanner.cascade import cascade_tabor
+
+            results[name] = cascade_tabor(detector, results["ni"], model, data, num_classes, cascade)
+        else:
+            results[name] = detector.scan(model, data, num_classes)
+    return {name: results[name] for name in settings.detectors}  # the requested order, as in full mode
 
 
 def save_artifacts(result: ScanResult, data: CleanData, out_dir: Path) -> None:

@@ -37,7 +37,16 @@ from scanner.anomaly import flag, mad_anomaly_index
 from scanner.data import CleanData
 from scanner.detectors.base import DetectionResult, Detector, RestoredTrigger, register
 from scanner.detectors.neural_cleanse import restore_all, restored_triggers
-from scanner.detectors.restoration import RestorationSettings, _RowAdam, from_unit, stamp, to_unit
+from scanner.detectors.restoration import (
+    RestorationSettings,
+    _RowAdam,
+    attack_success,
+    choose_slots,
+    from_unit,
+    restore_triggers,
+    stamp,
+    to_unit,
+)
 from scanner.errors import TrojanScanError
 
 
@@ -90,7 +99,8 @@ def blocking_and_overlaying(model: torch.nn.Module, x: torch.Tensor, y: torch.Te
 
 
 def xai_prune_mask(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, masks: np.ndarray, patterns: np.ndarray,
-                   s: TaborSettings, seed: int, device: torch.device, slots: int) -> tuple[np.ndarray, np.ndarray]:
+                   s: TaborSettings, seed: int, device: torch.device, slots: int,
+                   classes: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Eq. (4): for each class t, stamp the restored trigger (M_t, Delta_t) on clean images and find
     the smallest explanation mask M-hat that still gets the stamped images classified as t:
         argmin_{M-hat} CE(f(((1-M)x + M Delta) * M-hat), t) + lambda * R_elastic(M-hat).
@@ -101,6 +111,8 @@ def xai_prune_mask(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, masks: 
     M-hat is the smallest one that kept the threshold (all ones if none did). The refined trigger
     mask is M * M-hat: the part of the restored mask the explanation keeps, so eq. (5)'s
     difference ||M||_1 - ||M * M-hat||_1 is never negative.
+    `classes[i]` is the class row i was restored for (default: row i is class i; the cascade
+    passes a subset).
     Returns (refined masks (K,H,W), attack success of each kept M-hat).
     """
     k_all, h, w = masks.shape
@@ -115,7 +127,10 @@ def xai_prune_mask(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, masks: 
     best_l1 = np.full(k_all, np.inf)
     best_asr = np.zeros(k_all)
     period_hits, up, down = np.zeros(k_all), np.zeros(k_all, int), np.zeros(k_all, int)
-    classes = list(range(k_all))
+    row_class = torch.tensor(list(range(k_all)) if classes is None else list(classes), device=device)
+    if len(row_class) != k_all:
+        raise TrojanScanError(f"tabor: {k_all} masks but {len(row_class)} classes to prune them for")
+    classes = list(range(k_all))  # rows; row_class maps them to the target classes
     for chunk_start in range(0, k_all, slots):
         chunk = classes[chunk_start:chunk_start + slots]
         rows = torch.tensor(chunk, device=device)
@@ -125,7 +140,7 @@ def xai_prune_mask(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, masks: 
             m_hat = to_unit(param)
             bad = stamp(batch, m_fixed[rows], p_fixed[rows]).view(len(chunk), s.batch_size, *batch.shape[1:])
             pruned = (bad * m_hat[:, None]).reshape(-1, *batch.shape[1:])
-            targets = rows.repeat_interleave(s.batch_size)
+            targets = row_class[rows].repeat_interleave(s.batch_size)
             logits = model(pruned)
             ce = F.cross_entropy(logits, targets, reduction="none").view(len(chunk), -1).mean(1)
             lam_t = torch.tensor(lam[chunk], dtype=ce.dtype, device=device)
@@ -176,19 +191,28 @@ def judge_with_tabor_metric(detector: Detector, model: torch.nn.Module, data: Cl
                             s: TaborSettings) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Prune every class's restored trigger (eq. 4), score it (eq. 5), MAD on the low tail.
     Fills each trigger's refined_mask; returns (anomaly index, statistics)."""
-    masks = np.stack([triggers[k].mask for k in sorted(triggers)])
-    patterns = np.stack([triggers[k].pattern for k in sorted(triggers)])
+    statistics = tabor_statistics(detector, model, data, triggers, mask_l1, slots, s)
+    return mad_anomaly_index(statistics["tabor_metric"], tail="low"), statistics
+
+
+def tabor_statistics(detector: Detector, model: torch.nn.Module, data: CleanData,
+                     triggers: dict[int, RestoredTrigger], mask_l1: np.ndarray, slots: int,
+                     s: TaborSettings) -> dict[str, np.ndarray]:
+    """Eq. (4) pruning and eq. (5) metric for the restored triggers, without the MAD step; arrays
+    are in the order of sorted(triggers) (all classes in a full scan, a subset in the cascade)."""
+    order = sorted(triggers)
+    masks = np.stack([triggers[k].mask for k in order])
+    patterns = np.stack([triggers[k].pattern for k in order])
     refined, pruned_asr = xai_prune_mask(model, data.x, data.y, masks, patterns, s, detector.seed,
-                                         detector.device, slots)
-    for k in sorted(triggers):
-        triggers[k].refined_mask = refined[k]
-    success = np.array([triggers[k].attack_success for k in sorted(triggers)])
+                                         detector.device, slots, classes=order)
+    for row, k in enumerate(order):
+        triggers[k].refined_mask = refined[row]
+    success = np.array([triggers[k].attack_success for k in order])
     refined_l1 = refined.reshape(len(refined), -1).sum(1)
     metric = tabor_anomaly_metric(mask_l1, refined_l1, success, masks.shape[1] * masks.shape[2],
                                   int(len(data)))
-    statistics = {"mask_l1": mask_l1, "refined_mask_l1": refined_l1, "attack_success": success,
-                  "pruned_attack_success": pruned_asr, "tabor_metric": metric}
-    return mad_anomaly_index(metric, tail="low"), statistics
+    return {"mask_l1": mask_l1, "refined_mask_l1": refined_l1, "attack_success": success,
+            "pruned_attack_success": pruned_asr, "tabor_metric": metric}
 
 
 @register
@@ -212,3 +236,33 @@ class Tabor(Detector):
             statistics=statistics, settings=s.model_dump(), seed=self.seed,
             seconds=time.perf_counter() - started, triggers=triggers, notes=notes,
         )
+
+    def restore_classes(self, model: torch.nn.Module, data: CleanData, num_classes: int,
+                        classes: list[int]) -> tuple[dict[int, RestoredTrigger], dict[str, np.ndarray], dict]:
+        """The cascade's hook: TABOR's restoration, pruning and eq. (5) metric for `classes` only,
+        without the MAD step (a handful of values has no meaningful MAD; the caller judges them).
+        Returns (triggers by class, statistics in sorted(classes) order, notes)."""
+        s: TaborSettings = self.settings  # type: ignore[assignment]
+        chosen = sorted(set(int(k) for k in classes))
+        if not chosen or chosen[0] < 0 or chosen[-1] >= num_classes:
+            raise TrojanScanError(f"tabor: classes to restore must be in 0..{num_classes - 1}, got {classes}")
+        notes: dict = {}
+        slots = s.slots
+        if not slots:
+            slots, notes["device_probe"] = choose_slots(model, data.image_shape, self.device, s.batch_size, len(chosen))
+        outcome = restore_triggers(
+            model, data.x, data.y, num_classes, s, self.seed, self.device, slots,
+            size_penalty=lambda mask, pattern: tabor_regularizers(mask, pattern, s),
+            extra_loss=lambda m, x, y, mask, pattern, targets: blocking_and_overlaying(m, x, y, mask, pattern, targets, s),
+            classes=chosen, progress=self.progress, name=self.name,
+        )
+        triggers = {
+            k: RestoredTrigger(mask=outcome.masks[k], pattern=outcome.patterns[k],
+                               attack_success=attack_success(model, data.x, data.y, outcome.masks[k],
+                                                             outcome.patterns[k], k, self.device))
+            for k in chosen
+        }
+        mask_l1 = outcome.masks[chosen].reshape(len(chosen), -1).sum(1)
+        statistics = tabor_statistics(self, model, data, triggers, mask_l1, outcome.slots, s)
+        notes |= {"slots": outcome.slots, "steps": outcome.steps[chosen].tolist()}
+        return triggers, statistics, notes
