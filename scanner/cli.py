@@ -88,10 +88,114 @@ def zoo_build(
 
 @app.command()
 def demo(out: Path = typer.Option(Path("trojanscan-demo"), help="folder for everything the demo writes")) -> None:
-    """The end-to-end demo. The registry part (MLflow + Prefect) is not built yet: for now it
-    builds the Fashion-MNIST smoke zoo (one clean, one trojaned model) and prints its table."""
-    console.print("registry demo not built yet (issue 5): building the Fashion-MNIST smoke zoo instead")
-    zoo_build(dataset="fashion-mnist", size="smoke", out=out / "zoo")
+    """The end-to-end demo on the embedded defaults (SQLite MLflow, Prefect without a server):
+    register a clean and a trojaned model, request their promotion, let the real flows gate them."""
+    from flows.demo import configure, run_demo
+
+    configure(out)  # before Prefect is imported: its home and settings live in the demo folder
+    try:
+        summary = run_demo(out, say=lambda message: console.print(message, highlight=False))
+    except TrojanScanError as error:
+        fail(error)
+    table = Table(title="fashion-classifier in the registry")
+    for column in ("version", "status", "flagged", "aliases", "scan run", "report"):
+        table.add_column(column)
+    reports = {o.get("version"): o.get("result_dir") for step in summary["steps"] for o in step["outcomes"]}
+    for version, state in summary["versions"].items():
+        tags = state["tags"]
+        report = reports.get(version)
+        table.add_row(version, tags.get("trojanscan.status", "-"), tags.get("trojanscan.flagged_classes", "-"),
+                      ", ".join("@" + a for a in state["aliases"]) or "-", tags.get("trojanscan.scan_run_id", "-"),
+                      f"{report}/report.html" if report else "-")
+    console.print(table)
+    console.print(f"demo finished in {summary['seconds']:.0f} s. Look at it with:", highlight=False)
+    console.print(f"  mlflow ui --backend-store-uri {summary['tracking_uri']} --port 5000", highlight=False)
+
+
+webhook_app = typer.Typer(help="MLflow webhooks that reach the receiver.", no_args_is_help=True)
+app.add_typer(webhook_app, name="webhook")
+
+
+def _secret(env_name: str) -> str:
+    import os
+
+    secret = os.environ.get(env_name, "")
+    if not secret:
+        usage(f"set the webhook secret in the environment variable {env_name}")
+    return secret
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8686, help="port"),
+    secret_env: str = typer.Option("TROJANSCAN_WEBHOOK_SECRET", help="environment variable holding the secret"),
+    replay_db: Path = typer.Option(Path("trojanscan-deliveries.sqlite"), help="seen delivery ids (survives restarts)"),
+) -> None:
+    """Receive MLflow webhooks (POST /webhooks/mlflow) and emit Prefect events for them."""
+    import uvicorn
+
+    from scanner.prefect_events import emit_delivery
+    from scanner.receiver import create_app
+    from scanner.webhooks import ReplayGuard
+
+    app_ = create_app(_secret(secret_env), emit_delivery, ReplayGuard(replay_db))
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+@webhook_app.command("register")
+def webhook_register(
+    url: str = typer.Option(..., help="the receiver's URL, e.g. https://scanner.example.com/webhooks/mlflow"),
+    tracking_uri: str = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="the MLflow server"),
+    name: str = typer.Option("trojanscan", help="webhook name"),
+    secret_env: str = typer.Option("TROJANSCAN_WEBHOOK_SECRET", help="environment variable holding the secret"),
+) -> None:
+    """Create the MLflow webhook for new versions and alias changes (stage moves have no webhook:
+    the watcher polls for those)."""
+    from scanner.registry import Registry
+
+    if not tracking_uri or not tracking_uri.startswith("http"):
+        usage("webhooks need a running MLflow server: pass --tracking-uri http://HOST:PORT")
+    registry = Registry(tracking_uri)
+    try:
+        hook = registry._call("creating the webhook", registry.client.create_webhook, name=name, url=url,
+                              events=["model_version.created", "model_version_alias.created"],
+                              secret=_secret(secret_env), description="trojanscan: scan on promotion")
+    except TrojanScanError as error:
+        fail(error)
+    console.print(f"webhook {hook.webhook_id} -> {url}", highlight=False)
+
+
+@app.command()
+def watch(
+    once: bool = typer.Option(False, "--once", help="poll once and exit"),
+    interval: float = typer.Option(60.0, help="seconds between polls"),
+    dispatch: str = typer.Option("inline", help="inline (scan here) or deployment (hand to the scan deployment)"),
+) -> None:
+    """Run the registry watcher: guard the target, scan every version waiting for a scan."""
+    import time
+
+    from flows.watcher import registry_watcher
+
+    if dispatch not in ("inline", "deployment"):
+        usage("--dispatch inline|deployment")
+    while True:
+        report = registry_watcher(dispatch=dispatch)
+        for outcome in report["outcomes"]:
+            console.print(f"{outcome.get('name')} v{outcome.get('version')}: {outcome.get('status', 'dispatched')}",
+                          highlight=False)
+        if once:
+            return
+        time.sleep(interval)
+
+
+@app.command()
+def worker() -> None:
+    """Serve the flows as deployments from this process (no work pool needed): scan-model-version
+    with its event triggers, registry-watcher every minute, scan-file and unlearn-retrain."""
+    from flows.serve import serve_all
+
+    serve_all()
 
 
 def _float_list(text: str | None, option: str) -> list[float] | None:
@@ -159,7 +263,7 @@ def scan(
     out_dir = out or (json_path.parent if json_path else None)
     try:
         if model.startswith("models:/"):
-            raise TrojanScanError("models:/ URIs need the MLflow registry adapter, which is not built yet")
+            model, data = _fetch_registry_model(model, data, allow_pickle)
         if data is None:
             raise DataError("no clean data: pass --data CLEAN.npz (a scan never runs without clean images)")
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} classes"),
@@ -191,6 +295,20 @@ def scan(
         console.print(f"result: {json_path}", highlight=False)
         console.print(_report_beside(json_path, out_dir), highlight=False)
     raise typer.Exit(EXIT_INFECTED if result.verdict == "infected" else EXIT_CLEAN)
+
+
+def _fetch_registry_model(uri: str, data: Path | None, allow_pickle: bool) -> tuple[str, Path | None]:
+    """Download a `models:/` version (and, without --data, its clean data) to a temporary folder."""
+    from scanner.registry import Registry, temporary_folder
+
+    registry = Registry()
+    info = registry.resolve(uri)
+    folder = temporary_folder("trojanscan-")
+    downloaded = registry.download_model(info, folder / "model", allow_pickle=allow_pickle)
+    if data is None:
+        data, reference = registry.resolve_clean_data(info, None, folder / "data")
+        console.print(f"{uri} is {info.uri}; clean data from {reference}", highlight=False)
+    return str(downloaded.model_file), data
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:

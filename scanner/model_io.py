@@ -36,7 +36,8 @@ from torch import nn
 from scanner.errors import DataError, ModelLoadError, TrojanScanError, UnsupportedModelError
 from scanner.loading_common import _Loaded, _one_line, _zip_root_names
 from scanner.onnx_loading import ONNX_TOLERANCE  # noqa: F401  (re-exported)
-from scanner.onnx_loading import _compare_reference, _load_onnx, _looks_like_onnx, _parse_onnx
+from scanner.onnx_loading import (_compare_reference, _load_onnx, _looks_like_onnx, _onnx_uses_external_data,
+                                  _parse_onnx, embed_external_data, external_data_files)
 from scanner.pt2_guard import _load_pt2
 
 DEFAULT_MAX_BYTES = 2 * 1024**3
@@ -141,8 +142,11 @@ def load_model(
     path = Path(path)
     _check_normalization(normalization)
     raw = _read_bytes(path, max_bytes)
-    digest = hashlib.sha256(raw).hexdigest()
     fmt, onnx_model = _detect_format(raw, path)
+    digest = _digest(raw, external_data_files(onnx_model, path) if onnx_model is not None else [])
+    if onnx_model is not None and _onnx_uses_external_data(onnx_model.graph):
+        embed_external_data(onnx_model, path, external_data_files(onnx_model, path), max_bytes)
+        raw = onnx_model.SerializeToString()
     if fmt == FORMAT_PICKLE and not allow_pickle:
         raise ModelLoadError(
             f"refusing to unpickle {path}: a pickled model can run arbitrary code when loaded; "
@@ -157,6 +161,25 @@ def load_model(
         raise ModelLoadError(
             f"cannot load model {path}: {type(exc).__name__}: {_one_line(exc)}"
         ) from exc
+
+
+def _digest(raw: bytes, external_files: list[Path]) -> str:
+    """sha256 of the model file, and of its external data files when it has any (in name order),
+    so swapping a data file changes the digest a cached scan is keyed on."""
+    if not external_files:
+        return hashlib.sha256(raw).hexdigest()
+    combined = hashlib.sha256(hashlib.sha256(raw).digest())
+    for file in external_files:
+        combined.update(file.name.encode() + b"\0" + hashlib.sha256(file.read_bytes()).digest())
+    return combined.hexdigest()
+
+
+def model_digest(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> str:
+    """The digest `load_model` records for this file (model bytes plus any ONNX external data)."""
+    path = Path(path)
+    raw = _read_bytes(path, max_bytes)
+    onnx_model = None if raw.startswith((b"PK", b"\x80")) else _parse_onnx(raw)
+    return _digest(raw, external_data_files(onnx_model, path) if onnx_model is not None else [])
 
 
 def _load_checked(

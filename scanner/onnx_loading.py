@@ -56,11 +56,8 @@ def _load_onnx(raw: bytes, model: Any, path: Path, max_nodes: int) -> _Loaded:
     nodes = _count_onnx_nodes(graph)
     if nodes > max_nodes:
         raise ModelLoadError(f"ONNX model {path} has {nodes} nodes, over the limit of {max_nodes}")
-    if _onnx_uses_external_data(graph):
-        raise ModelLoadError(
-            f"ONNX model {path} keeps tensors in external data files, which are not supported; "
-            "save it with all tensors inside the file"
-        )
+    if _onnx_uses_external_data(graph):  # model_io embeds them before this point
+        raise ModelLoadError(f"ONNX model {path} still refers to external data files")
     try:
         onnx.checker.check_model(model)
     except Exception as exc:  # onnx raises several checker/validation error types
@@ -116,6 +113,41 @@ def _onnx_uses_external_data(graph: Any) -> bool:
     import onnx
 
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
+
+
+def external_data_files(model: Any, path: Path) -> list[Path]:
+    """The external tensor files an ONNX model refers to (MLflow saves ONNX models this way by
+    default). Each must be a plain file name in the model's own folder: a location with a folder
+    part or `..` could read any file on the scanning machine, so it is refused."""
+    import onnx
+
+    files = set()
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if not location or Path(location).name != location or location in (".", ".."):
+            raise ModelLoadError(f"ONNX model {path}: external data location {location!r} is not a file "
+                                 "name beside the model; refused")
+        file = path.parent / location
+        if not file.is_file() or file.is_symlink():
+            raise ModelLoadError(f"ONNX model {path}: external data file {location} is missing")
+        files.add(file)
+    return sorted(files)
+
+
+def embed_external_data(model: Any, path: Path, files: list[Path], max_bytes: int) -> None:
+    """Read the external tensors into the model (sizes checked first) so the rest of the loader
+    sees a self-contained model."""
+    from onnx.external_data_helper import load_external_data_for_model
+
+    total = sum(file.stat().st_size for file in files)
+    if total > max_bytes:
+        raise ModelLoadError(f"ONNX model {path}: external data is {total} bytes, over the limit of {max_bytes}")
+    try:
+        load_external_data_for_model(model, str(path.parent))
+    except Exception as exc:
+        raise ModelLoadError(f"ONNX model {path}: cannot read its external data: {_one_line(exc)}") from exc
 
 
 def _onnx_input_shape(graph: Any, path: Path) -> tuple[int, int, int] | None:

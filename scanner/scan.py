@@ -35,6 +35,8 @@ class ScanSettings(BaseModel):
 
     detectors: tuple[str, ...] = Field(DEFAULT_DETECTORS, description="detector names, see DETECTORS")
     mode: Literal["full", "fast"] = "full"
+    verdict_rule: Literal["any", "all"] = Field("any", description="infected when any enabled detector flags a "
+                                                "class, or only when every one does")
     threshold: float = Field(2.0, gt=0, description="anomaly index at or above which a class is flagged")
     seed: int = 0
     device: str = Field("auto", description="auto, cpu or cuda[:n]")
@@ -105,12 +107,17 @@ class ScanResult:
         }
 
 
-def decide(detections: dict[str, DetectionResult]) -> tuple[str, list[str]]:
-    """Default verdict rule: infected when any enabled detector flags a class."""
+def decide(detections: dict[str, DetectionResult], rule: str = "any") -> tuple[str, list[str]]:
+    """Verdict: `any` (the default) is infected when any enabled detector flags a class, `all`
+    only when every enabled detector flags at least one."""
     reasons = []
     for name, detection in detections.items():
         for k in detection.flagged_classes:
             reasons.append(f"{name} flags class {k} (anomaly index {detection.anomaly_index[k]:.2f})")
+    flagging = [name for name, detection in detections.items() if detection.flagged_classes]
+    if rule == "all" and flagging and len(flagging) < len(detections):
+        quiet = sorted(set(detections) - set(flagging))
+        return "clean", reasons + [f"verdict rule 'all': {', '.join(quiet)} flag(s) nothing, so not infected"]
     if reasons:
         return "infected", reasons
     best = ", ".join(f"{n} max index {d.max_anomaly_index:.2f}" for n, d in detections.items())
@@ -213,7 +220,7 @@ def scan_model(model_path: str | Path, data_path: str | Path, settings: ScanSett
         settings=settings, device=str(device),
     )
     result.detections = run_detectors(module, data, num_classes, settings, device, progress)
-    result.verdict, result.reasons = decide(result.detections)
+    result.verdict, result.reasons = decide(result.detections, settings.verdict_rule)
     result.timings = {"load": load_seconds, **{f"{n}": d.seconds for n, d in result.detections.items()},
                       "total": time.perf_counter() - started}
     if out_dir is not None:

@@ -30,7 +30,7 @@ from scanner.models import build_model
 from scanner.training import TrainSettings, accuracy, seed_everything, train_classifier
 
 Dataset = Literal["fashion-mnist", "signs"]
-Size = Literal["smoke", "full"]
+Size = Literal["smoke", "demo", "full"]  # demo: the two models `trojanscan demo` registers
 ZOO_FORMAT = 2  # bump when a build would make different models or entries: forces a rebuild
 MAX_ONNX_DIFFERENCE = 1e-3  # logits; the legacy exporter agrees to about 1e-5 here
 ASR_TARGET = 0.95
@@ -103,6 +103,11 @@ def zoo_specs(dataset: Dataset, size: Size) -> list[ZooModelSpec]:
     if dataset == "fashion-mnist":
         cnn, res = "nc_mnist", "resnet_small"
         fast = TrainSettings(epochs=3)
+        if size == "demo":  # full training data, so the clean model is as good as the zoo's
+            return [
+                ZooModelSpec(id="fm-clean-cnn-s1", arch=cnn, seed=1, train=fast),
+                _trojan("fm-square5-br", cnn, fast, [T(shape=sq, size=5)], [1]),
+            ]
         if size == "smoke":
             smoke = TrainSettings(epochs=2)
             return [

@@ -1,0 +1,38 @@
+"""Serve every flow as a deployment from one process (`trojanscan worker`): the simplest way to
+run the product on one machine without work pools. `deploy/prefect.yaml` declares the same
+deployments for work pools (`gpu` for scans and retraining, `cpu` for the watcher)."""
+
+from __future__ import annotations
+
+from prefect import serve
+from prefect.events import DeploymentEventTrigger
+
+from flows.scan_file import scan_file
+from flows.scan_version import scan_model_version
+from flows.unlearn import unlearn_retrain
+from flows.watcher import registry_watcher
+
+REGISTRY_EVENTS = ["trojanscan.mlflow.model_version_alias.created", "trojanscan.mlflow.model_version.created"]
+
+
+def registry_trigger() -> DeploymentEventTrigger:
+    """Start `scan-model-version` for each event the receiver emits; plain-string parameters."""
+    return DeploymentEventTrigger(
+        name="mlflow-registry-event",
+        expect=set(REGISTRY_EVENTS),
+        match={"prefect.resource.id": "mlflow.model-version.*"},
+        parameters={"name": "{{ event.payload.name }}", "version": "{{ event.payload.version }}",
+                    "event": "{{ event.event }}", "alias": "{{ event.payload.alias }}"},
+    )
+
+
+def serve_all(watch_interval: float | None = None) -> None:
+    import os
+
+    watch_interval = watch_interval or float(os.environ.get("TROJANSCAN_WATCH_INTERVAL", "60"))
+    serve(
+        scan_model_version.to_deployment(name="scan-model-version", triggers=[registry_trigger()]),
+        registry_watcher.to_deployment(name="registry-watcher", interval=watch_interval, concurrency_limit=1),
+        scan_file.to_deployment(name="scan-file"),
+        unlearn_retrain.to_deployment(name="unlearn-retrain"),
+    )

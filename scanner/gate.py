@@ -1,0 +1,378 @@
+"""The promotion gate: scan a requested model version, record the verdict on it, and promote it
+only when it is clean. Also the watcher's two jobs: finding requests that wait for a scan, and
+the guard that undoes a hand-moved target alias or stage.
+
+This is registry logic without Prefect: the flows in `flows/` call these functions and turn
+the `Reporter` calls into Prefect artifacts. Every failure ends with status `error` on the
+version, and nothing here promotes a version whose status is not `clean`.
+
+Idempotency (product.md): a scan is identified by (model sha256, settings hash). A version
+already decided with the current settings is not scanned again; a version whose bytes were
+scanned before (as another version, or by a flow that died after logging) reuses that scan run.
+Two flows for the same version are kept apart by a claim taken under the caller's lock: the
+first sets status `running` with its claim id, the second sees it and leaves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+from scanner.errors import TrojanScanError
+from scanner.policy import ModelPolicy, Policy
+from scanner.registry import (ERROR, FLAGGED, GUARD, PATCHED_FROM, REQUESTED_BY, SCAN_RUN_ID,
+                              SCANNED_AT, SETTINGS_HASH, SHA256, STATUS, VERDICT, Registry, RegistryUnavailable,
+                              VersionInfo, utc_now)
+
+CLAIM = "trojanscan.claim"
+STALE_MARGIN_SECONDS = 300  # a `running` claim older than the scan budget plus this is abandoned
+
+
+class Reporter(Protocol):
+    """Where a gate run reports to (Prefect artifacts in a flow, the console in the CLI)."""
+
+    def progress(self, fraction: float, text: str) -> None: ...
+
+    def scanned(self, outcome: GateOutcome, result: dict[str, Any], run_url: str | None) -> None: ...
+
+    def note(self, title: str, markdown: str) -> None: ...
+
+
+class SilentReporter:
+    def progress(self, fraction: float, text: str) -> None:
+        pass
+
+    def scanned(self, outcome: GateOutcome, result: dict[str, Any], run_url: str | None) -> None:
+        pass
+
+    def note(self, title: str, markdown: str) -> None:
+        pass
+
+
+@dataclass
+class GateOutcome:
+    """What happened to one request."""
+
+    name: str
+    version: str
+    status: str  # clean | infected | error | running (another run holds it) | skipped
+    verdict: str | None = None
+    flagged_classes: list[int] = field(default_factory=list)
+    scan_run_id: str | None = None
+    promoted: bool = False
+    scanned: bool = False  # False when an earlier scan of the same bytes and settings was reused
+    unlearn: bool = False  # the policy wants the unlearning flow started for this version
+    reasons: list[str] = field(default_factory=list)
+    result_dir: str | None = None
+    seconds: float = 0.0
+    detector_seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A version that waits for a scan, and why."""
+
+    name: str
+    version: str
+    reason: str
+
+
+# -- requests ---------------------------------------------------------------------------------
+def is_requested(info: VersionInfo, policy: ModelPolicy) -> bool:
+    """Does the version hold the policy's request place (or is it a patched version)?"""
+    if PATCHED_FROM in info.tags:
+        return True
+    request = policy.request
+    if request.on_register:
+        return True
+    if request.alias is not None:
+        return request.alias in info.aliases
+    return info.stage == request.stage
+
+
+def holds_target(info: VersionInfo, policy: ModelPolicy) -> bool:
+    target = policy.target
+    return target.alias in info.aliases if target.alias is not None else info.stage == target.stage
+
+
+def _age_seconds(timestamp: str | None) -> float:
+    if not timestamp:
+        return float("inf")
+    try:
+        return (datetime.now(timezone.utc) - datetime.fromisoformat(timestamp)).total_seconds()
+    except ValueError:
+        return float("inf")
+
+
+def needs_scan(info: VersionInfo, policy: ModelPolicy) -> bool:
+    """Not yet decided under the current settings, and not held by a live claim."""
+    status = info.status
+    if status in ("clean", "infected") and info.tags.get(SETTINGS_HASH) == policy.settings_hash():
+        return False
+    if status == "error":
+        return False  # terminal until the version is requested again (a new event or a re-tag)
+    if status == "running":
+        return _age_seconds(info.tags.get(SCANNED_AT)) > policy.max_scan_seconds + STALE_MARGIN_SECONDS
+    return True
+
+
+def pending_requests(registry: Registry, policy: Policy) -> list[Request]:
+    """Every version that holds its request place and waits for a scan (the watcher's poll)."""
+    found = []
+    for name in registry.registered_models():
+        if not policy.covers(name):
+            continue
+        model_policy = policy.for_model(name)
+        for info in registry.versions(name):
+            if is_requested(info, model_policy) and needs_scan(info, model_policy):
+                found.append(Request(name, info.version, f"{model_policy.request.describe()} (poll)"))
+    return found
+
+
+# -- the guard --------------------------------------------------------------------------------
+def guard(registry: Registry, policy: Policy, name: str) -> list[str]:
+    """Undo a target alias or stage found on a version that is not `clean` (moved there by
+    hand, or by anything but the gate): the alias goes back to the newest clean version or is
+    removed; a non-clean version in the target stage is archived. Returns what was done."""
+    model_policy = policy.for_model(name)
+    versions = registry.versions(name)
+    clean = [v for v in versions if v.status == "clean"]
+    actions = []
+    target = model_policy.target
+    for info in versions:
+        if info.status == "clean" or not holds_target(info, model_policy):
+            continue
+        why = f"held {target.describe()} while status was {info.status or 'unscanned'}"
+        if target.alias is not None:
+            fallback = max((v for v in clean if v.version != info.version), key=lambda v: int(v.version), default=None)
+            if fallback is not None:
+                registry.set_alias(name, target.alias, fallback.version)
+                action = f"{name} v{info.version} {why}: @{target.alias} moved back to v{fallback.version}"
+            else:
+                registry.delete_alias(name, target.alias)
+                action = f"{name} v{info.version} {why}: @{target.alias} removed (no clean version)"
+        else:
+            registry.set_stage(name, info.version, "Archived")
+            action = f"{name} v{info.version} {why}: archived"
+        registry.set_tags(name, info.version, {GUARD: f"{utc_now()} {action}"})
+        actions.append(action)
+    return actions
+
+
+# -- the scan of one version --------------------------------------------------------------------
+def scan_version(
+    registry: Registry,
+    policy: Policy,
+    name: str,
+    version: str,
+    workdir: str | Path,
+    *,
+    lock: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    reporter: Reporter | None = None,
+    requested_by: str = "manual",
+    claim_id: str | None = None,
+) -> GateOutcome:
+    """Claim, scan (or reuse a scan of the same bytes and settings), record, and gate one version.
+
+    `lock` serialises claims across processes (a Prefect concurrency slot in the flows). Raises
+    only RegistryUnavailable, and only when even the `error` status could not be written: the
+    caller may retry; the version is never promoted meanwhile."""
+    reporter = reporter or SilentReporter()
+    started = time.perf_counter()
+    outcome = GateOutcome(name=name, version=str(version), status="error")
+    if not policy.covers(name):
+        outcome.status, outcome.reasons = "skipped", [f"{name} is not covered by the policy"]
+        return outcome
+    model_policy = policy.for_model(name)
+    claim_id = claim_id or uuid.uuid4().hex
+    try:
+        with lock():
+            info = registry.get_version(name, version)
+            live_claim = info.status == "running" and not needs_scan(info, model_policy)
+            if live_claim and info.tags.get(CLAIM) != claim_id:
+                outcome.status, outcome.reasons = "running", [f"already being scanned (claim {info.tags.get(CLAIM)})"]
+                return outcome
+            decided = not needs_scan(info, model_policy) and info.status in ("clean", "infected")
+            if not decided:
+                registry.set_tags(name, version, {STATUS: "running", CLAIM: claim_id, SCANNED_AT: utc_now(),
+                                                  REQUESTED_BY: requested_by})
+        if decided:
+            _outcome_from_tags(outcome, info)
+            outcome.reasons = [f"already scanned: {info.status} (run {info.tags.get(SCAN_RUN_ID)})"]
+        else:
+            _scan_and_record(registry, policy.experiment, model_policy, info, Path(workdir), outcome, reporter)
+        _gate(registry, model_policy, outcome)
+    except RegistryUnavailable as error:
+        _record_error(registry, outcome, str(error), reraise=error)
+    except TrojanScanError as error:
+        _record_error(registry, outcome, str(error))
+    except Exception as error:  # a bug or an unforeseen input still ends as error, never clean
+        _record_error(registry, outcome, f"{type(error).__name__}: {_first_line(error)}")
+    outcome.seconds = time.perf_counter() - started
+    return outcome
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def _outcome_from_tags(outcome: GateOutcome, info: VersionInfo) -> None:
+    outcome.status = outcome.verdict = info.status or "error"
+    outcome.scan_run_id = info.tags.get(SCAN_RUN_ID)
+    outcome.flagged_classes = json.loads(info.tags.get(FLAGGED, "[]") or "[]")
+
+
+def _scan_and_record(registry: Registry, experiment: str, policy: ModelPolicy, info: VersionInfo, workdir: Path,
+                     outcome: GateOutcome, reporter: Reporter) -> None:
+    from scanner.model_io import model_digest
+    from scanner.scan import scan_model
+
+    folder = workdir / f"{info.name}-v{info.version}-{uuid.uuid4().hex[:8]}"
+    reporter.progress(0.0, f"downloading {info.uri}")
+    downloaded = registry.download_model(info, folder / "model", allow_pickle=policy.allow_pickle)
+    sha256 = model_digest(downloaded.model_file)
+    settings_hash = policy.settings_hash()
+    out_dir = folder / "scan"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    previous = registry.find_scan_run(experiment, sha256, settings_hash)
+    if previous is not None:
+        result = registry.scan_result(previous, out_dir)
+        run_id = previous
+        outcome.reasons = [f"reused scan run {previous} of the same model bytes and settings"]
+    else:
+        data_path, data_reference = registry.resolve_clean_data(info, policy.clean_data, folder / "data")
+        reporter.progress(0.02, "scanning")
+        budget = _Budget(policy.max_scan_seconds, policy.max_memory_mb)
+        settings = policy.scan_settings()
+
+        def progress(detector: str, done: int, total: int) -> None:
+            budget.check()
+            position = settings.detectors.index(detector) if detector in settings.detectors else 0
+            fraction = (position + done / max(total, 1)) / len(settings.detectors)
+            reporter.progress(0.02 + 0.9 * fraction, f"{detector}: {done}/{total} classes")
+
+        scan = scan_model(downloaded.model_file, data_path, settings, out_dir=out_dir,
+                          allow_pickle=policy.allow_pickle, normalization=policy.normalization,
+                          progress=progress, model_reference=info.uri)
+        budget.check()
+        scan.data["reference"] = data_reference
+        scan.extra["registry"] = {"name": info.name, "version": info.version, "source": info.source,
+                                  "run_id": info.run_id, "tracking_uri": registry.tracking_uri,
+                                  "settings_hash": settings_hash}
+        result = scan.to_json()
+        (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_report(out_dir)
+        reporter.progress(0.95, "logging the scan run")
+        run_id = registry.log_scan_run(experiment, result, out_dir, run_name=f"scan {info.name} v{info.version}",
+                                       tags={SHA256: sha256, SETTINGS_HASH: settings_hash,
+                                             "trojanscan.model": f"{info.name}/{info.version}"})
+        outcome.scanned = True
+        outcome.detector_seconds = float(sum(d.seconds for d in scan.detections.values()))
+        outcome.reasons = list(scan.reasons)
+    outcome.result_dir = str(out_dir)
+    outcome.verdict = result["verdict"]
+    outcome.flagged_classes = list(result.get("flagged_classes", []))
+    outcome.scan_run_id = run_id
+    if outcome.verdict not in ("clean", "infected"):
+        raise TrojanScanError(f"scan run {run_id} ended with verdict {outcome.verdict}: {result.get('reasons')}")
+    outcome.status = outcome.verdict
+    registry.set_tags(info.name, info.version, {
+        STATUS: outcome.verdict, VERDICT: outcome.verdict, FLAGGED: json.dumps(outcome.flagged_classes),
+        SCAN_RUN_ID: run_id, SHA256: sha256, SCANNED_AT: utc_now(), SETTINGS_HASH: settings_hash,
+    })
+    registry.delete_tag(info.name, info.version, ERROR)
+    reporter.progress(1.0, f"{outcome.verdict}")
+    reporter.scanned(outcome, result, registry.run_url(run_id, experiment))
+
+
+def write_report(out_dir: Path) -> Path | None:
+    """The HTML audit report beside result.json (when the report module is present)."""
+    try:
+        from scanner.report import write_report as render
+    except ImportError:
+        return None
+    target = out_dir / "report.html"
+    render(out_dir / "result.json", target)
+    return target
+
+
+def _gate(registry: Registry, policy: ModelPolicy, outcome: GateOutcome) -> None:
+    """Promote a clean version that still holds its request; never anything else."""
+    info = registry.get_version(outcome.name, outcome.version)  # fresh: the request may have moved
+    if info.status != "clean":
+        outcome.unlearn = info.status == "infected" and policy.auto_unlearn and PATCHED_FROM not in info.tags
+        return
+    if not is_requested(info, policy):
+        outcome.reasons.append(f"not promoted: v{info.version} no longer holds {policy.request.describe()}")
+        return
+    if PATCHED_FROM in info.tags:
+        if not policy.auto_promote_patched:
+            outcome.reasons.append("not promoted: a patched version, and the policy does not auto-promote those")
+            return
+        drop = float(info.tags.get("trojanscan.ca_drop", "inf"))
+        if drop > policy.max_ca_drop:
+            outcome.reasons.append(f"not promoted: CA dropped {drop:.4f} (> {policy.max_ca_drop}) when patched")
+            return
+    if holds_target(info, policy):
+        return  # already promoted (a repeated event): never promote twice
+    target = policy.target
+    if target.alias is not None:
+        registry.set_alias(info.name, target.alias, info.version)
+    else:
+        registry.set_stage(info.name, info.version, target.stage or "Production")
+    outcome.promoted = True
+    outcome.reasons.append(f"promoted to {target.describe()}")
+
+
+ERROR_TAG_PATIENCE_SECONDS = 60.0  # how long a scan waits for a vanished registry to take its `error`
+
+
+def _record_error(registry: Registry, outcome: GateOutcome, reason: str, reraise: BaseException | None = None) -> None:
+    """Status `error` with its reason. When the registry is down, keep trying for a minute (a
+    restarted server gets the error); after that let the caller know. The version is then left
+    `running`, never promoted, and the watcher takes it up again once that claim is stale."""
+    outcome.status, outcome.promoted = "error", False
+    outcome.reasons.append(reason)
+    deadline = time.monotonic() + ERROR_TAG_PATIENCE_SECONDS
+    pause = 1.0
+    while True:
+        try:
+            registry.set_tags(outcome.name, outcome.version, {STATUS: "error", ERROR: reason[:500], SCANNED_AT: utc_now()})
+            return
+        except RegistryUnavailable as error:
+            reraise = reraise or error
+            if time.monotonic() + pause > deadline:
+                raise reraise from None
+            time.sleep(pause)
+            pause = min(pause * 1.5, 5.0)
+        except TrojanScanError:
+            return  # the version itself is gone: nothing to tag, nothing to promote
+
+
+class _Budget:
+    """Time and memory limits of one scan (the policy's); exceeding one ends the scan as error."""
+
+    def __init__(self, seconds: float, memory_mb: float | None) -> None:
+        self.deadline = time.monotonic() + seconds
+        self.seconds = seconds
+        self.memory_mb = memory_mb
+
+    def check(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise TrojanScanError(f"scan budget exceeded: more than {self.seconds:g} s")
+        if self.memory_mb is not None:
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            if peak_mb > self.memory_mb:
+                raise TrojanScanError(f"scan budget exceeded: peak memory {peak_mb:.0f} MB > {self.memory_mb:g} MB")

@@ -1,0 +1,373 @@
+"""The MLflow adapter: the only module of `scanner` that talks to MLflow.
+
+It resolves `models:/` references, downloads a version's files without unpickling anything,
+finds the version's clean data, logs scan runs, and reads and writes the version tags, aliases
+and stages of product.md's MLflow contract.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from scanner.errors import DataError, TrojanScanError, UnsupportedModelError
+
+# The MLflow client retries a dead server for minutes by default; a scan should end as `error`
+# (and the flow's own retry decide) well before that. Users can still override both.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+TAG = "trojanscan."
+STATUS, VERDICT, FLAGGED = TAG + "status", TAG + "verdict", TAG + "flagged_classes"
+SCAN_RUN_ID, SHA256, SCANNED_AT, ERROR = TAG + "scan_run_id", TAG + "model_sha256", TAG + "scanned_at", TAG + "error"
+SETTINGS_HASH, CLEAN_DATA, GUARD = TAG + "settings_hash", TAG + "clean_data", TAG + "guard"
+PATCHED_FROM, UNLEARN_RUN_ID = TAG + "patched_from", TAG + "unlearn_run_id"
+REQUESTED_BY = TAG + "requested_by"
+STATUSES = ("pending", "running", "clean", "infected", "error")
+CLEAN_SAMPLES_ARTIFACT = "clean_samples.npz"
+
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))$")
+
+
+class RegistryError(TrojanScanError):
+    """The registry answered, but not with what was asked for (unknown name, version, alias)."""
+
+
+class RegistryUnavailable(TrojanScanError):
+    """The tracking server could not be reached: the one transient error a flow retries."""
+
+
+@dataclass(frozen=True)
+class ModelReference:
+    """`models:/NAME/VERSION`, `models:/NAME/STAGE` or `models:/NAME@ALIAS`."""
+
+    name: str
+    version: str | None = None
+    alias: str | None = None
+    stage: str | None = None
+
+    @classmethod
+    def parse(cls, uri: str) -> ModelReference:
+        match = _URI.match(uri)
+        if not match:
+            raise RegistryError(f"not a model URI: {uri!r} (use models:/NAME/VERSION, models:/NAME@ALIAS "
+                                "or models:/NAME/STAGE)")
+        name, version, alias = match["name"], match["version"], match["alias"]
+        if version is not None and not version.isdigit():
+            return cls(name=name, stage=version)
+        return cls(name=name, version=version, alias=alias)
+
+    def __str__(self) -> str:
+        if self.alias:
+            return f"models:/{self.name}@{self.alias}"
+        return f"models:/{self.name}/{self.version or self.stage}"
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """What the gate needs to know about one model version."""
+
+    name: str
+    version: str
+    source: str
+    run_id: str | None
+    stage: str
+    aliases: tuple[str, ...]
+    tags: dict[str, str] = field(default_factory=dict)
+    created_ms: int = 0
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    @property
+    def status(self) -> str | None:
+        return self.tags.get(STATUS)
+
+
+@dataclass(frozen=True)
+class DownloadedModel:
+    """A version's files on disk and the one file the scanner loads."""
+
+    folder: Path
+    model_file: Path
+    flavor: str  # "onnx" | "pytorch-pt2" | "pytorch-pickle" | "file"
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _is_connection_error(error: BaseException) -> bool:
+    text = f"{type(error).__name__}: {error}"
+    return any(word in text for word in ("ConnectionError", "Connection refused", "Max retries exceeded",
+                                         "Failed to establish", "RemoteDisconnected", "timed out",
+                                         "ReadTimeout", "ConnectTimeout"))
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+class Registry:
+    """An MLflow tracking server + model registry (or a local `sqlite:///` store)."""
+
+    def __init__(self, tracking_uri: str | None = None, registry_uri: str | None = None) -> None:
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=registry_uri or self.tracking_uri)
+
+    def _call(self, what: str, function: Any, *args: Any, **kwargs: Any) -> Any:
+        """Call the MLflow client, sorting failures into unavailable (transient) or not found."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return function(*args, **kwargs)
+        except MlflowException as error:
+            if _is_connection_error(error):
+                raise RegistryUnavailable(f"MLflow at {self.tracking_uri} unreachable while {what}") from error
+            raise RegistryError(f"{what}: {_one_line(error)}") from None
+        except OSError as error:
+            if _is_connection_error(error) or isinstance(error, ConnectionError):
+                raise RegistryUnavailable(f"MLflow at {self.tracking_uri} unreachable while {what}") from error
+            raise
+
+    # -- versions -------------------------------------------------------------------------
+    def _info(self, version: Any) -> VersionInfo:
+        return VersionInfo(name=version.name, version=str(version.version), source=version.source,
+                           run_id=version.run_id or None, stage=version.current_stage or "None",
+                           aliases=tuple(getattr(version, "aliases", []) or ()), tags=dict(version.tags or {}),
+                           created_ms=int(version.creation_timestamp or 0))
+
+    def get_version(self, name: str, version: str) -> VersionInfo:
+        return self._info(self._call(f"reading {name} version {version}", self.client.get_model_version, name, str(version)))
+
+    def resolve(self, reference: ModelReference | str) -> VersionInfo:
+        """The version a `models:/` reference points at now."""
+        ref = ModelReference.parse(reference) if isinstance(reference, str) else reference
+        if ref.version:
+            return self.get_version(ref.name, ref.version)
+        if ref.alias:
+            found = self._call(f"resolving {ref}", self.client.get_model_version_by_alias, ref.name, ref.alias)
+            return self.get_version(ref.name, str(found.version))
+        in_stage = [v for v in self.versions(ref.name) if v.stage.lower() == (ref.stage or "").lower()]
+        if not in_stage:
+            raise RegistryError(f"{ref}: no version of {ref.name!r} is in stage {ref.stage!r}")
+        return max(in_stage, key=lambda v: int(v.version))
+
+    def versions(self, name: str) -> list[VersionInfo]:
+        found = self._call(f"listing versions of {name}", self.client.search_model_versions, f"name = '{name}'")
+        # search results may omit aliases; fetch each version for the full record
+        return sorted((self.get_version(name, str(v.version)) for v in found), key=lambda v: int(v.version))
+
+    def registered_models(self) -> list[str]:
+        return sorted(m.name for m in self._call("listing registered models", self.client.search_registered_models))
+
+    def alias_version(self, name: str, alias: str) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_model_version_by_alias(name, alias).version)
+        except MlflowException as error:
+            if _is_connection_error(error):
+                raise RegistryUnavailable(f"MLflow at {self.tracking_uri} unreachable while reading @{alias}") from error
+            return None
+
+    # -- tags, aliases, stages --------------------------------------------------------------
+    def set_tags(self, name: str, version: str, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self._call(f"tagging {name} version {version}", self.client.set_model_version_tag, name, str(version),
+                       key, str(value))
+
+    def delete_tag(self, name: str, version: str, key: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.delete_model_version_tag(name, str(version), key)
+        except MlflowException as error:
+            if _is_connection_error(error):
+                raise RegistryUnavailable(f"MLflow at {self.tracking_uri} unreachable while untagging") from error
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self._call(f"setting @{alias} on {name} version {version}", self.client.set_registered_model_alias,
+                   name, alias, str(version))
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self._call(f"removing @{alias} from {name}", self.client.delete_registered_model_alias, name, alias)
+
+    def set_stage(self, name: str, version: str, stage: str) -> None:
+        import warnings
+
+        with warnings.catch_warnings():  # stages are deprecated in MLflow 3 but still in use
+            warnings.simplefilter("ignore", FutureWarning)
+            self._call(f"moving {name} version {version} to {stage}", self.client.transition_model_version_stage,
+                       name, str(version), stage, archive_existing_versions=False)
+
+    # -- files --------------------------------------------------------------------------------
+    def download_model(self, info: VersionInfo, dest: str | Path, allow_pickle: bool = False) -> DownloadedModel:
+        """Download the version's files and pick the model file from its MLmodel (read as plain
+        YAML; nothing is imported or unpickled here)."""
+        import mlflow.artifacts
+
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        folder = Path(self._call(f"downloading {info.uri}", mlflow.artifacts.download_artifacts,
+                                 artifact_uri=info.uri, dst_path=str(dest), tracking_uri=self.tracking_uri))
+        if folder.is_file():
+            return DownloadedModel(folder.parent, folder, "file")
+        return choose_model_file(folder, allow_pickle)
+
+    def download_run_artifact(self, run_id: str, path: str, dest: str | Path) -> Path:
+        import mlflow.artifacts
+
+        return Path(self._call(f"downloading {path} of run {run_id}", mlflow.artifacts.download_artifacts,
+                               run_id=run_id, artifact_path=path, dst_path=str(dest), tracking_uri=self.tracking_uri))
+
+    def run_has_artifact(self, run_id: str, path: str) -> bool:
+        listed = self._call(f"listing artifacts of run {run_id}", self.client.list_artifacts, run_id)
+        return any(item.path == path for item in listed)
+
+    def resolve_clean_data(self, info: VersionInfo, policy_clean_data: str | None, dest: str | Path) -> tuple[Path, str]:
+        """Clean data for a version, first found wins (product.md): the version's
+        `trojanscan.clean_data` tag, the source run's `clean_samples.npz`, the policy's entry.
+        Returns (local npz path, the reference it came from)."""
+        dest = Path(dest)
+        tagged = info.tags.get(CLEAN_DATA)
+        if tagged:
+            return self.fetch_uri(tagged, dest), tagged
+        if info.run_id and self.run_has_artifact(info.run_id, CLEAN_SAMPLES_ARTIFACT):
+            return (self.download_run_artifact(info.run_id, CLEAN_SAMPLES_ARTIFACT, dest),
+                    f"runs:/{info.run_id}/{CLEAN_SAMPLES_ARTIFACT}")
+        if policy_clean_data:
+            return self.fetch_uri(policy_clean_data, dest), policy_clean_data
+        raise DataError(f"no clean data for {info.uri}: set tag {CLEAN_DATA}, log {CLEAN_SAMPLES_ARTIFACT} "
+                        "in the source run, or name clean_data in the policy")
+
+    def fetch_uri(self, uri: str, dest: Path) -> Path:
+        """A `runs:/`, `models:/`, `file://` URI or a plain path of an npz, as a local file."""
+        import mlflow.artifacts
+
+        if uri.startswith(("runs:/", "models:/")):
+            local = Path(self._call(f"downloading {uri}", mlflow.artifacts.download_artifacts, artifact_uri=uri,
+                                    dst_path=str(dest), tracking_uri=self.tracking_uri))
+            if local.is_dir():
+                found = sorted(local.rglob("*.npz"))
+                if not found:
+                    raise DataError(f"clean data {uri} holds no .npz file")
+                local = found[0]
+            return local
+        path = Path(uri.removeprefix("file://"))
+        if not path.is_file():
+            raise DataError(f"clean data {uri} not found")
+        return path
+
+    # -- scan runs ----------------------------------------------------------------------------
+    def experiment_id(self, name: str) -> str:
+        found = self._call(f"reading experiment {name}", self.client.get_experiment_by_name, name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self._call(f"creating experiment {name}", self.client.create_experiment, name)
+        except RegistryError:  # created by a concurrent scan in between
+            return self._call(f"reading experiment {name}", self.client.get_experiment_by_name, name).experiment_id
+
+    def find_scan_run(self, experiment: str, sha256: str, settings_hash: str) -> str | None:
+        """A finished scan run of these model bytes with these settings, if one exists."""
+        runs = self._call("searching scan runs", self.client.search_runs, [self.experiment_id(experiment)],
+                          filter_string=(f"tags.`{SHA256}` = '{sha256}' and tags.`{SETTINGS_HASH}` = '{settings_hash}' "
+                                         "and attributes.status = 'FINISHED'"),
+                          max_results=1, order_by=["attributes.start_time ASC"])
+        return runs[0].info.run_id if runs else None
+
+    def scan_result(self, run_id: str, dest: str | Path) -> dict[str, Any]:
+        path = self.download_run_artifact(run_id, "result.json", dest)
+        return json.loads(Path(path).read_text())
+
+    def log_scan_run(self, experiment: str, result: dict[str, Any], out_dir: str | Path, tags: dict[str, str],
+                     run_name: str) -> str:
+        """One MLflow run per scan: settings as params, anomaly indices as metrics, the result
+        JSON, the report and the trigger/saliency pictures as artifacts (product.md)."""
+        out_dir = Path(out_dir)
+        run = self._call("creating the scan run", self.client.create_run, self.experiment_id(experiment),
+                         tags=tags, run_name=run_name)
+        run_id = run.info.run_id
+        try:
+            self.log_result(run_id, result, out_dir)
+        except Exception:
+            self.client.set_terminated(run_id, status="FAILED")
+            raise
+        self._call("closing the scan run", self.client.set_terminated, run_id, status="FINISHED")
+        return run_id
+
+    def log_result(self, run_id: str, result: dict[str, Any], out_dir: Path) -> None:
+        from mlflow.entities import Metric, Param
+
+        settings = result.get("settings", {})
+        params = [Param(key, json.dumps(value) if isinstance(value, (list, dict, tuple)) else str(value))
+                  for key, value in settings.items()]
+        now = int(datetime.now(timezone.utc).timestamp() * 1000)
+        metrics = []
+        for name, detection in result.get("detectors", {}).items():
+            for k, value in enumerate(detection.get("anomaly_index", [])):
+                metrics.append(Metric(f"{name}.anomaly_index.class_{k}", float(value), now, 0))
+            metrics.append(Metric(f"{name}.max_anomaly_index", float(detection.get("max_anomaly_index", 0.0)), now, 0))
+            metrics.append(Metric(f"{name}.seconds", float(detection.get("seconds", 0.0)), now, 0))
+        self._call("logging the scan", self.client.log_batch, run_id, metrics=metrics, params=params[:100])
+        (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        self._call("uploading the result", self.client.log_artifact, run_id, str(out_dir / "result.json"))
+        if (out_dir / "report.html").is_file():
+            self._call("uploading the report", self.client.log_artifact, run_id, str(out_dir / "report.html"))
+        for folder in ("triggers", "saliency"):
+            if (out_dir / folder).is_dir():
+                self._call(f"uploading {folder}", self.client.log_artifacts, run_id, str(out_dir / folder), folder)
+
+    def run_url(self, run_id: str, experiment: str) -> str:
+        """Where a person looks at the run: the server's UI, or the local store's run id."""
+        if self.tracking_uri.startswith("http"):
+            return f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id(experiment)}/runs/{run_id}"
+        return f"{self.tracking_uri} run {run_id}"
+
+
+def choose_model_file(folder: Path, allow_pickle: bool) -> DownloadedModel:
+    """Pick the file to scan from an MLflow model folder by reading `MLmodel` as YAML."""
+    mlmodel = folder / "MLmodel"
+    if not mlmodel.is_file():
+        raise UnsupportedModelError(f"{folder} has no MLmodel file; not an MLflow model")
+    try:
+        flavors = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {})
+    except yaml.YAMLError:
+        raise UnsupportedModelError(f"{mlmodel} is not valid YAML") from None
+    if "onnx" in flavors:
+        return DownloadedModel(folder, _inside(folder, flavors["onnx"].get("data", "model.onnx")), "onnx")
+    if "pytorch" in flavors:
+        data = _inside(folder, flavors["pytorch"].get("model_data", "data"))
+        if (data / "model.pt2").is_file():
+            return DownloadedModel(folder, data / "model.pt2", "pytorch-pt2")
+        if (data / "model.pth").is_file():
+            if not allow_pickle:
+                raise TrojanScanError(f"{folder.name}: a pickled pytorch model; unpickling runs its code, so it is "
+                                      "refused unless the policy (allow_pickle) or --allow-pickle trusts it")
+            return DownloadedModel(folder, data / "model.pth", "pytorch-pickle")
+    raise UnsupportedModelError(f"no supported flavor in {mlmodel} (found {sorted(flavors)}; need onnx or pytorch)")
+
+
+def _inside(folder: Path, relative: str) -> Path:
+    """A path from MLmodel, refused if it points outside the downloaded folder."""
+    path = (folder / relative).resolve()
+    if folder.resolve() not in path.parents and path != folder.resolve():
+        raise UnsupportedModelError(f"MLmodel points outside the model folder: {relative!r}")
+    return path
+
+
+def temporary_folder(prefix: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix))

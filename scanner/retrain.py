@@ -1,0 +1,111 @@
+"""Patch an infected registry version with its restored triggers and register the result.
+
+The registry side of TABOR's patching (`scanner.unlearning` is the numeric core): take the
+version's scan run (result JSON + restored masks/patterns), fine-tune the model on the version's
+clean data with those triggers stamped (true labels kept), log an MLflow run with CA and ASR
+before and after, and register the patched model as a new version of the same registered model
+with its lineage (`trojanscan.patched_from`, `trojanscan.unlearn_run_id`, `trojanscan.ca_drop`).
+The new version is then scanned like any other; the gate promotes it only if it scans clean,
+the policy auto-promotes patched versions, and its CA drop is within the policy's limit.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scanner.errors import TrojanScanError
+from scanner.policy import Policy
+from scanner.registry import (PATCHED_FROM, SCAN_RUN_ID, STATUS, UNLEARN_RUN_ID, Registry, VersionInfo, utc_now)
+
+CA_DROP = "trojanscan.ca_drop"
+UNLEARN_STATUS = "trojanscan.unlearn"
+
+
+@dataclass
+class PatchOutcome:
+    name: str
+    source_version: str
+    patched_version: str | None = None
+    unlearn_run_id: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def patch_version(registry: Registry, policy: Policy, name: str, version: str, workdir: str | Path) -> PatchOutcome:
+    """Unlearn the restored triggers of an infected version and register the patched model.
+    Raises TrojanScanError (recorded on the source version as `trojanscan.unlearn`) on failure."""
+    from scanner.unlearning import UnlearnSettings, unlearn_files
+
+    outcome = PatchOutcome(name=name, source_version=str(version))
+    info = registry.get_version(name, version)
+    if info.status != "infected" or SCAN_RUN_ID not in info.tags:
+        raise TrojanScanError(f"{name} v{version} is {info.status or 'unscanned'}; only an infected, scanned "
+                              "version is patched")
+    model_policy = policy.for_model(name)
+    folder = Path(workdir) / f"unlearn-{name}-v{version}-{uuid.uuid4().hex[:8]}"
+    downloaded = registry.download_model(info, folder / "model", allow_pickle=model_policy.allow_pickle)
+    scan_dir = folder / "scan"
+    registry.download_run_artifact(info.tags[SCAN_RUN_ID], "result.json", scan_dir)
+    registry.download_run_artifact(info.tags[SCAN_RUN_ID], "triggers", scan_dir)
+    data_path, data_reference = registry.resolve_clean_data(info, model_policy.clean_data, folder / "data")
+    suffix = ".onnx" if downloaded.flavor == "onnx" else ".pt2"
+    patched_file = folder / f"patched{suffix}"
+    result = unlearn_files(downloaded.model_file, data_path, scan_dir / "result.json", patched_file, UnlearnSettings(),
+                           normalization=model_policy.normalization)
+    ca_drop = result.before.clean_accuracy - result.after.clean_accuracy
+    outcome.metrics = {"ca_before": result.before.clean_accuracy, "ca_after": result.after.clean_accuracy,
+                       "asr_restored_before": result.before.max_asr_restored,
+                       "asr_restored_after": result.after.max_asr_restored, "ca_drop": ca_drop}
+    run_id, new_version = _log_and_register(registry, policy.experiment, info, patched_file, data_path, result.to_json(),
+                                            outcome.metrics, data_reference)
+    outcome.unlearn_run_id, outcome.patched_version = run_id, new_version
+    registry.set_tags(name, new_version, {PATCHED_FROM: str(version), UNLEARN_RUN_ID: run_id,
+                                          CA_DROP: f"{max(ca_drop, 0.0):.6f}", STATUS: "pending"})
+    registry.set_tags(name, version, {UNLEARN_STATUS: f"{utc_now()} patched as v{new_version} (run {run_id})"})
+    return outcome
+
+
+def _log_and_register(registry: Registry, experiment: str, info: VersionInfo, patched_file: Path, data_path: Path,
+                      unlearn_json: dict[str, Any], metrics: dict[str, float], data_reference: str) -> tuple[str, str]:
+    """One MLflow run for the patch (metrics, the unlearning JSON, the clean data it used) that
+    also logs the patched model, registered as the next version of the same registered model."""
+    import mlflow
+
+    mlflow.set_tracking_uri(registry.tracking_uri)
+    experiment_id = registry.experiment_id(experiment)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"unlearn {info.name} v{info.version}") as run:
+        mlflow.set_tags({"trojanscan.model": f"{info.name}/{info.version}", "trojanscan.kind": "unlearn",
+                         "trojanscan.clean_data_source": data_reference})
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        mlflow.log_dict(unlearn_json, "unlearning.json")
+        clean_samples = data_path if data_path.name == "clean_samples.npz" else _as_clean_samples(data_path)
+        mlflow.log_artifact(str(clean_samples))  # the patched version's scan finds its data in its source run
+        if patched_file.suffix == ".onnx":
+            import onnx
+
+            logged = mlflow.onnx.log_model(onnx.load(str(patched_file)), name="model",
+                                           registered_model_name=info.name, pip_requirements=["onnxruntime"],
+                                           onnx_execution_providers=["CPUExecutionProvider"])
+        else:
+            import numpy as np
+            import torch
+
+            from scanner.data import CleanData
+
+            module = torch.export.load(str(patched_file)).module()
+            example = CleanData.load_npz(data_path).x[:2].astype(np.float32)
+            logged = mlflow.pytorch.log_model(module, name="model", registered_model_name=info.name,
+                                              serialization_format="pt2", input_example=example,
+                                              pip_requirements=["torch"])
+    return run.info.run_id, str(logged.registered_model_version)
+
+
+def _as_clean_samples(data_path: Path) -> Path:
+    """The clean data under the name the registry looks for in a version's source run."""
+    target = data_path.parent / "clean_samples" / "clean_samples.npz"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data_path.read_bytes())
+    return target

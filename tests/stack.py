@@ -1,0 +1,120 @@
+"""Start the real processes of the product on loopback for tests and benchmarks: an MLflow
+server (SQLite backend, artifacts served by the server), a Prefect server, the receiver and the
+flow worker, each as users start them (their own commands, in subprocesses)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, process: subprocess.Popen | None = None, expect: str | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                body = response.read().decode()
+                if expect is None or expect in body:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+class Service:
+    """One subprocess with its log file; stop() ends it and its children."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path, health: str | None = None,
+                 expect: str | None = None, startup: float = 90) -> None:
+        self.name, self.args, self.env, self.health, self.expect, self.startup = name, args, env, health, expect, startup
+        self.log_path = log_dir / f"{name}.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Service:
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        if self.health:
+            try:
+                wait_http(self.health, self.startup, self.process, self.expect)
+            except Exception:
+                self.stop()
+                raise RuntimeError(f"{self.name} did not start; log tail:\n{self.log_tail()}") from None
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, sig)
+            self.process.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait(timeout=10)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def base_env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1",
+                "PREFECT_HOME": str(home / "prefect-home"), "PREFECT_LOGGING_LEVEL": "INFO"})
+    return env
+
+
+def mlflow_server(root: Path, port: int, env: dict[str, str]) -> Service:
+    """`mlflow server` as environment.md recommends for tests (one worker, no job runner,
+    webhooks to loopback allowed, an encryption key so webhooks survive a restart)."""
+    env = env | {
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+        "MLFLOW_WEBHOOK_CACHE_TTL": "1",
+        "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": env.get("MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY")
+        or "x0FbFGSM2gbtSnpZ8w4Yq4qkTnE0ZtK6a8cQj0b0Ydc=",
+    }
+    args = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+            "--workers", "1"]
+    return Service("mlflow", args, env, root, health=f"http://127.0.0.1:{port}/health", expect="OK")
+
+
+def prefect_server(root: Path, port: int, env: dict[str, str]) -> Service:
+    args = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    return Service("prefect", args, env, root, health=f"http://127.0.0.1:{port}/api/health")
+
+
+def receiver(root: Path, port: int, env: dict[str, str]) -> Service:
+    args = [str(BIN / "trojanscan"), "serve", "--port", str(port), "--replay-db", str(root / "deliveries.sqlite")]
+    return Service("receiver", args, env, root, health=f"http://127.0.0.1:{port}/health", expect="OK")
+
+
+def worker(root: Path, env: dict[str, str]) -> Service:
+    return Service("worker", [str(BIN / "trojanscan"), "worker"], env, root)
+
+

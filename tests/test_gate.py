@@ -1,0 +1,223 @@
+"""The policy file, webhook verification, the receiver app, and the gate on a local SQLite MLflow
+store (the real MLflow library, no server): idempotency, the guard, error paths."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scanner.policy import PolicyError, load_policy
+from scanner.registry import ModelReference, Registry, RegistryError
+from scanner.webhooks import ReplayGuard, WebhookRejected, sign, verify
+
+POLICY = """\
+defaults:
+  detectors: [ni]
+  threshold: 3.5
+models:
+  gate-model: {}
+"""
+
+
+# -- policy ---------------------------------------------------------------------------------------
+def test_policy_defaults_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY + "  staged: {request: {stage: Staging}, target: {stage: Production}, auto_unlearn: true}\n")
+    policy = load_policy(path)
+    assert policy.for_model("gate-model").request.alias == "candidate"
+    staged = policy.for_model("staged")
+    assert staged.request.stage == "Staging" and staged.auto_unlearn and staged.detectors == ("ni",)
+    assert policy.for_model("gate-model").settings_hash() == policy.for_model("staged").settings_hash()
+    with pytest.raises(PolicyError, match="not in the policy"):
+        policy.for_model("someone-else")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("defaults: {threshold: -1}", "threshold"),
+    ("defaults: {request: {alias: a, stage: Staging}}", "exactly one"),
+    ("defaults: {request: {alias: x}, target: {alias: x}}", "differ"),
+    ("models: {m: {detectors: [ni], colour: red}}", "models.m"),
+    ("defaults: [1, 2", "not valid YAML"),
+    ("- a list", "mapping"),
+])
+def test_bad_policy_is_one_clear_line(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    with pytest.raises(PolicyError, match=message) as caught:
+        load_policy(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_model_references() -> None:
+    assert ModelReference.parse("models:/signs/3") == ModelReference("signs", version="3")
+    assert ModelReference.parse("models:/signs@candidate") == ModelReference("signs", alias="candidate")
+    assert ModelReference.parse("models:/signs/Production") == ModelReference("signs", stage="Production")
+    with pytest.raises(RegistryError):
+        ModelReference.parse("models:/a/b/c")
+
+
+# -- webhooks -------------------------------------------------------------------------------------
+def _headers(secret: str, body: bytes, timestamp: int | None = None, delivery: str | None = None) -> dict[str, str]:
+    delivery = delivery or str(uuid.uuid4())
+    timestamp = int(time.time()) if timestamp is None else timestamp
+    return {"X-MLflow-Delivery-Id": delivery, "X-MLflow-Timestamp": str(timestamp),
+            "X-MLflow-Signature": sign(secret, delivery, timestamp, body)}
+
+
+BODY = json.dumps({"entity": "model_version_alias", "action": "created",
+                   "data": {"name": "m", "alias": "candidate", "version": "2"}}).encode()
+
+
+def test_verify_accepts_a_genuine_delivery() -> None:
+    delivery = verify("s3cret", _headers("s3cret", BODY), BODY)
+    assert delivery.event_name == "trojanscan.mlflow.model_version_alias.created"
+    assert delivery.data["version"] == "2"
+
+
+@pytest.mark.parametrize("case", ["wrong secret", "tampered body", "stale", "future", "missing header"])
+def test_verify_rejects(case: str) -> None:
+    body, headers = BODY, _headers("s3cret", BODY)
+    if case == "wrong secret":
+        headers = _headers("guess", BODY)
+    elif case == "tampered body":
+        body = BODY.replace(b'"2"', b'"1"')
+    elif case == "stale":
+        headers = _headers("s3cret", BODY, timestamp=int(time.time()) - 301)
+    elif case == "future":
+        headers = _headers("s3cret", BODY, timestamp=int(time.time()) + 3600)
+    else:
+        headers.pop("X-MLflow-Signature")
+    with pytest.raises(WebhookRejected):
+        verify("s3cret", headers, body)
+
+
+def test_replay_guard_survives_a_restart(tmp_path: Path) -> None:
+    first = ReplayGuard(tmp_path / "seen.sqlite")
+    assert first.first_time("abc") and not first.first_time("abc")
+    assert not ReplayGuard(tmp_path / "seen.sqlite").first_time("abc")  # a restarted receiver still knows it
+
+
+def test_receiver_app_emits_only_verified_new_deliveries(tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+
+    from scanner.receiver import create_app
+
+    emitted: list[Any] = []
+    client = TestClient(create_app("s3cret", emitted.append, ReplayGuard(tmp_path / "seen.sqlite")))
+    genuine = _headers("s3cret", BODY)
+    assert client.post("/webhooks/mlflow", content=BODY, headers=genuine).status_code == 200
+    assert client.post("/webhooks/mlflow", content=BODY, headers=genuine).status_code == 409
+    assert client.post("/webhooks/mlflow", content=BODY, headers=_headers("nope", BODY)).status_code == 401
+    tag_body = json.dumps({"entity": "model_version_tag", "action": "set", "data": {}}).encode()
+    assert client.post("/webhooks/mlflow", content=tag_body, headers=_headers("s3cret", tag_body)).json()["status"] == "ignored"
+    assert [d.data["version"] for d in emitted] == ["2"]
+
+    def failing(delivery: Any) -> None:
+        raise ConnectionError("prefect down")
+
+    flaky = TestClient(create_app("s3cret", failing, ReplayGuard(tmp_path / "seen2.sqlite")))
+    headers = _headers("s3cret", BODY)
+    assert flaky.post("/webhooks/mlflow", content=BODY, headers=headers).status_code == 503
+    healed = TestClient(create_app("s3cret", emitted.append, ReplayGuard(tmp_path / "seen2.sqlite")))
+    assert healed.post("/webhooks/mlflow", content=BODY, headers=headers).status_code == 200  # MLflow's retry gets through
+
+
+# -- the gate on a local store --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def local_registry(tmp_path_factory: pytest.TempPathFactory, fm_smoke_zoo: tuple[Path, dict[str, Any]]) -> dict[str, Any]:
+    import mlflow
+    import onnx
+
+    root = tmp_path_factory.mktemp("registry")
+    zoo_dir, manifest = fm_smoke_zoo
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    for name in ("models", "trojanscan"):
+        client.create_experiment(name, artifact_location=(root / "artifacts" / name).as_uri())
+    mlflow.set_experiment("models")
+    versions = {}
+    for entry in manifest["models"]:
+        with mlflow.start_run():
+            mlflow.log_artifact(str(zoo_dir / "clean_samples.npz"))
+            info = mlflow.onnx.log_model(onnx.load(str(zoo_dir / entry["files"]["onnx"]["path"])), name="model",
+                                         registered_model_name="gate-model", pip_requirements=["onnxruntime"],
+                                         onnx_execution_providers=["CPUExecutionProvider"])
+        versions[entry["id"]] = str(info.registered_model_version)
+    (root / "policy.yaml").write_text(POLICY)
+    return {"uri": uri, "root": root, "versions": versions, "policy": load_policy(root / "policy.yaml")}
+
+
+def test_gate_promotes_clean_blocks_trojan_and_never_scans_twice(local_registry: dict[str, Any]) -> None:
+    from scanner.gate import pending_requests, scan_version
+
+    registry = Registry(local_registry["uri"])
+    policy, root = local_registry["policy"], local_registry["root"]
+    clean, trojan = local_registry["versions"]["fm-clean-s0"], local_registry["versions"]["fm-square4-br"]
+    registry.set_alias("gate-model", "candidate", clean)
+    assert [(r.name, r.version) for r in pending_requests(registry, policy)] == [("gate-model", clean)]
+    outcome = scan_version(registry, policy, "gate-model", clean, root / "work")
+    assert (outcome.status, outcome.promoted, outcome.scanned) == ("clean", True, True)
+    assert registry.alias_version("gate-model", "champion") == clean
+    assert pending_requests(registry, policy) == []
+    again = scan_version(registry, policy, "gate-model", clean, root / "work")  # a repeated event
+    assert (again.status, again.promoted, again.scanned) == ("clean", False, False)
+
+    registry.set_alias("gate-model", "candidate", trojan)
+    blocked = scan_version(registry, policy, "gate-model", trojan, root / "work")
+    assert blocked.status == "infected" and 7 in blocked.flagged_classes and not blocked.promoted
+    tags = registry.get_version("gate-model", trojan).tags
+    assert tags["trojanscan.status"] == "infected" and tags["trojanscan.scan_run_id"] == blocked.scan_run_id
+    assert registry.alias_version("gate-model", "champion") == clean
+
+    # the same bytes under new settings are scanned again; under the old ones, the run is reused
+    registry.set_tags("gate-model", trojan, {"trojanscan.status": "pending"})
+    reused = scan_version(registry, policy, "gate-model", trojan, root / "work")
+    assert reused.status == "infected" and not reused.scanned and reused.scan_run_id == blocked.scan_run_id
+
+
+def test_guard_moves_a_hand_set_target_back(local_registry: dict[str, Any]) -> None:
+    from scanner.gate import guard
+
+    registry = Registry(local_registry["uri"])
+    versions = local_registry["versions"]
+    clean, trojan = versions["fm-clean-s0"], versions["fm-square4-br"]
+    if registry.get_version("gate-model", clean).status != "clean":
+        pytest.fail("test order: the gate test must run first")  # keeps the two steps honest
+    registry.set_alias("gate-model", "champion", trojan)
+    actions = guard(registry, local_registry["policy"], "gate-model")
+    assert len(actions) == 1 and f"moved back to v{clean}" in actions[0]
+    assert registry.alias_version("gate-model", "champion") == clean
+    assert "trojanscan.guard" in registry.get_version("gate-model", trojan).tags
+
+
+def test_missing_data_unknown_version_and_uncovered_model_never_promote(local_registry: dict[str, Any], tmp_path: Path) -> None:
+    import mlflow
+    import onnx
+
+    from scanner.gate import scan_version
+
+    registry = Registry(local_registry["uri"])
+    policy = local_registry["policy"]
+    zoo_onnx = next(Path(local_registry["root"]).parent.glob("zoo-fm-smoke*/fm-clean-s0/model.onnx"), None)
+    assert zoo_onnx is not None
+    mlflow.set_tracking_uri(local_registry["uri"])
+    with mlflow.start_run():  # no clean_samples.npz in this run, no tag, no policy entry
+        info = mlflow.onnx.log_model(onnx.load(str(zoo_onnx)), name="model", registered_model_name="gate-model",
+                                     pip_requirements=["onnxruntime"], onnx_execution_providers=["CPUExecutionProvider"])
+    version = str(info.registered_model_version)
+    registry.set_alias("gate-model", "candidate", version)
+    outcome = scan_version(registry, policy, "gate-model", version, tmp_path)
+    assert outcome.status == "error" and not outcome.promoted
+    tags = registry.get_version("gate-model", version).tags
+    assert tags["trojanscan.status"] == "error" and "no clean data" in tags["trojanscan.error"]
+    assert registry.alias_version("gate-model", "champion") != version
+
+    missing = scan_version(registry, policy, "gate-model", "999", tmp_path)
+    assert missing.status == "error" and not missing.promoted
+    assert scan_version(registry, policy, "not-in-policy", "1", tmp_path).status == "skipped"
