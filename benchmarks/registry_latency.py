@@ -79,14 +79,15 @@ def main() -> int:
             entry = manifest["models"][index % len(manifest["models"])]
             with mlflow.start_run() as run:
                 mlflow.log_artifact(str(zoo_dir / "clean_samples.npz"))
-                mlflow.onnx.log_model(onnx.load(str(zoo_dir / entry["files"]["onnx"]["path"])), name="model",
-                                      pip_requirements=["onnxruntime"], onnx_execution_providers=["CPUExecutionProvider"])
-            sources.append(run.info.run_id)
+                logged = mlflow.onnx.log_model(onnx.load(str(zoo_dir / entry["files"]["onnx"]["path"])), name="model",
+                                               pip_requirements=["onnxruntime"],
+                                               onnx_execution_providers=["CPUExecutionProvider"])
+            sources.append((run.info.run_id, logged.model_uri, logged.model_id))
         client.create_registered_model("latency")
         time.sleep(20)  # let the worker settle after its start
         with ThreadPoolExecutor(8) as pool:
-            created = list(pool.map(lambda run_id: client.create_model_version("latency", f"runs:/{run_id}/model",
-                                                                                run_id=run_id), sources))
+            created = list(pool.map(lambda source: client.create_model_version("latency", source[1], run_id=source[0],
+                                                                               model_id=source[2]), sources))
         versions = [str(v.version) for v in created]
         registry = Registry(tracking_uri)
         deadline = time.monotonic() + args.timeout

@@ -73,5 +73,6 @@ def scan_model_version(name: str, version: str, event: str = "manual", alias: st
 
         result["unlearning"] = start_unlearning(name, version)
     if outcome.status == "error":
-        return Failed(message=f"error: {outcome.reasons[-1] if outcome.reasons else 'scan failed'}", data=outcome.to_json())
+        # the flow run ends Failed (visible in Prefect); the version's tags hold the details
+        return Failed(message=f"error: {outcome.reasons[-1] if outcome.reasons else 'scan failed'}")
     return result

@@ -100,7 +100,13 @@ def demo(out: Path = typer.Option(Path("trojanscan-demo"), help="folder for ever
     table = Table(title="fashion-classifier in the registry")
     for column in ("version", "status", "flagged", "aliases", "scan run", "report"):
         table.add_column(column)
-    reports = {o.get("version"): o.get("result_dir") for step in summary["steps"] for o in step["outcomes"]}
+    reports = {}
+    for step in summary["steps"]:
+        for outcome in step["outcomes"]:
+            reports[outcome.get("version")] = outcome.get("result_dir")
+            rescan = (outcome.get("unlearning") or {}).get("rescan") or {}
+            if rescan.get("version"):
+                reports[rescan["version"]] = rescan.get("result_dir")
     for version, state in summary["versions"].items():
         tags = state["tags"]
         report = reports.get(version)

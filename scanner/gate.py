@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from scanner.errors import TrojanScanError
 from scanner.policy import ModelPolicy, Policy
 from scanner.registry import (ERROR, FLAGGED, GUARD, PATCHED_FROM, REQUESTED_BY, SCAN_RUN_ID,
-                              SCANNED_AT, SETTINGS_HASH, SHA256, STATUS, VERDICT, Registry, RegistryUnavailable,
+                              SCANNED_AT, SETTINGS_HASH, SHA256, STATUS, UNLEARN_RUN_ID, VERDICT, Registry, RegistryUnavailable,
                               VersionInfo, utc_now)
 
 CLAIM = "trojanscan.claim"
@@ -271,6 +271,10 @@ def _scan_and_record(registry: Registry, experiment: str, policy: ModelPolicy, i
         scan.extra["registry"] = {"name": info.name, "version": info.version, "source": info.source,
                                   "run_id": info.run_id, "tracking_uri": registry.tracking_uri,
                                   "settings_hash": settings_hash}
+        if UNLEARN_RUN_ID in info.tags:  # a patched version: its report shows CA/ASR before and after
+            unlearning = registry.download_run_artifact(info.tags[UNLEARN_RUN_ID], "unlearning.json", folder / "unlearn")
+            scan.extra["unlearning"] = json.loads(Path(unlearning).read_text()) | {
+                "patched_from": info.tags.get(PATCHED_FROM), "unlearn_run_id": info.tags[UNLEARN_RUN_ID]}
         result = scan.to_json()
         (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         write_report(out_dir)
@@ -288,9 +292,11 @@ def _scan_and_record(registry: Registry, experiment: str, policy: ModelPolicy, i
     if outcome.verdict not in ("clean", "infected"):
         raise TrojanScanError(f"scan run {run_id} ended with verdict {outcome.verdict}: {result.get('reasons')}")
     outcome.status = outcome.verdict
+    # tags are written one by one: the status goes last, so whoever sees it sees the rest too
     registry.set_tags(info.name, info.version, {
-        STATUS: outcome.verdict, VERDICT: outcome.verdict, FLAGGED: json.dumps(outcome.flagged_classes),
+        VERDICT: outcome.verdict, FLAGGED: json.dumps(outcome.flagged_classes),
         SCAN_RUN_ID: run_id, SHA256: sha256, SCANNED_AT: utc_now(), SETTINGS_HASH: settings_hash,
+        STATUS: outcome.verdict,
     })
     registry.delete_tag(info.name, info.version, ERROR)
     reporter.progress(1.0, f"{outcome.verdict}")
@@ -349,7 +355,7 @@ def _record_error(registry: Registry, outcome: GateOutcome, reason: str, reraise
     pause = 1.0
     while True:
         try:
-            registry.set_tags(outcome.name, outcome.version, {STATUS: "error", ERROR: reason[:500], SCANNED_AT: utc_now()})
+            registry.set_tags(outcome.name, outcome.version, {ERROR: reason[:500], SCANNED_AT: utc_now(), STATUS: "error"})
             return
         except RegistryUnavailable as error:
             reraise = reraise or error

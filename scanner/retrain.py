@@ -63,7 +63,7 @@ def patch_version(registry: Registry, policy: Policy, name: str, version: str, w
                                             outcome.metrics, data_reference)
     outcome.unlearn_run_id, outcome.patched_version = run_id, new_version
     registry.set_tags(name, new_version, {PATCHED_FROM: str(version), UNLEARN_RUN_ID: run_id,
-                                          CA_DROP: f"{max(ca_drop, 0.0):.6f}", STATUS: "pending"})
+                                          CA_DROP: f"{max(ca_drop, 0.0):.6f}", STATUS: "pending"})  # status last
     registry.set_tags(name, version, {UNLEARN_STATUS: f"{utc_now()} patched as v{new_version} (run {run_id})"})
     return outcome
 

@@ -170,7 +170,7 @@ def test_alias_request_promotes_clean_and_blocks_trojan_then_guard(live: Stack) 
     assert [r.info.run_id for r in runs] == [tags["trojanscan.scan_run_id"]]
     assert runs[0].data.metrics["ni.anomaly_index.class_7"] >= 3.5
     artifacts = {a.path for a in registry.client.list_artifacts(runs[0].info.run_id)}
-    assert "result.json" in artifacts and "saliency" in artifacts
+    assert {"result.json", "report.html", "saliency"} <= artifacts
 
     # someone moves the target onto the trojan by hand: the alias event runs the guard
     registry.set_alias("e2e-alias", "champion", trojan)
