@@ -118,3 +118,31 @@ def worker(root: Path, env: dict[str, str]) -> Service:
     return Service("worker", [str(BIN / "trojanscan"), "worker"], env, root)
 
 
+
+
+def local_store(root: Path) -> str:
+    """A SQLite MLflow store in `root` with the `models` and `trojanscan` experiments keeping
+    their artifacts there too (the default would be ./mlruns); returns its URI."""
+    import mlflow
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    for name in ("models", "trojanscan"):
+        client.create_experiment(name, artifact_location=(root / "artifacts" / name).as_uri())
+    mlflow.set_experiment("models")
+    return uri
+
+
+def register_onnx(onnx_path: Path, clean_samples: Path | None, name: str) -> str:
+    """Log an ONNX file as an MLflow model in a new run (with the clean samples beside it) and
+    register it under `name`; returns the version."""
+    import mlflow
+    import onnx
+
+    with mlflow.start_run():
+        if clean_samples is not None:
+            mlflow.log_artifact(str(clean_samples))
+        info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", registered_model_name=name,
+                                     pip_requirements=["onnxruntime"], onnx_execution_providers=["CPUExecutionProvider"])
+    return str(info.registered_model_version)

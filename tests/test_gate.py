@@ -130,25 +130,13 @@ def test_receiver_app_emits_only_verified_new_deliveries(tmp_path: Path) -> None
 # -- the gate on a local store --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def local_registry(tmp_path_factory: pytest.TempPathFactory, fm_smoke_zoo: tuple[Path, dict[str, Any]]) -> dict[str, Any]:
-    import mlflow
-    import onnx
+    from tests.stack import local_store, register_onnx
 
     root = tmp_path_factory.mktemp("registry")
     zoo_dir, manifest = fm_smoke_zoo
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient(uri)
-    for name in ("models", "trojanscan"):
-        client.create_experiment(name, artifact_location=(root / "artifacts" / name).as_uri())
-    mlflow.set_experiment("models")
-    versions = {}
-    for entry in manifest["models"]:
-        with mlflow.start_run():
-            mlflow.log_artifact(str(zoo_dir / "clean_samples.npz"))
-            info = mlflow.onnx.log_model(onnx.load(str(zoo_dir / entry["files"]["onnx"]["path"])), name="model",
-                                         registered_model_name="gate-model", pip_requirements=["onnxruntime"],
-                                         onnx_execution_providers=["CPUExecutionProvider"])
-        versions[entry["id"]] = str(info.registered_model_version)
+    uri = local_store(root)
+    versions = {entry["id"]: register_onnx(zoo_dir / entry["files"]["onnx"]["path"], zoo_dir / "clean_samples.npz",
+                                           "gate-model") for entry in manifest["models"]}
     (root / "policy.yaml").write_text(POLICY)
     return {"uri": uri, "root": root, "versions": versions, "policy": load_policy(root / "policy.yaml")}
 
@@ -197,20 +185,14 @@ def test_guard_moves_a_hand_set_target_back(local_registry: dict[str, Any]) -> N
 
 
 def test_missing_data_unknown_version_and_uncovered_model_never_promote(local_registry: dict[str, Any], tmp_path: Path) -> None:
-    import mlflow
-    import onnx
-
     from scanner.gate import scan_version
+    from tests.stack import register_onnx
 
     registry = Registry(local_registry["uri"])
     policy = local_registry["policy"]
     zoo_onnx = next(Path(local_registry["root"]).parent.glob("zoo-fm-smoke*/fm-clean-s0/model.onnx"), None)
     assert zoo_onnx is not None
-    mlflow.set_tracking_uri(local_registry["uri"])
-    with mlflow.start_run():  # no clean_samples.npz in this run, no tag, no policy entry
-        info = mlflow.onnx.log_model(onnx.load(str(zoo_onnx)), name="model", registered_model_name="gate-model",
-                                     pip_requirements=["onnxruntime"], onnx_execution_providers=["CPUExecutionProvider"])
-    version = str(info.registered_model_version)
+    version = register_onnx(zoo_onnx, None, "gate-model")  # no clean_samples.npz, no tag, no policy entry
     registry.set_alias("gate-model", "candidate", version)
     outcome = scan_version(registry, policy, "gate-model", version, tmp_path)
     assert outcome.status == "error" and not outcome.promoted

@@ -31,26 +31,14 @@ models:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory, fm_smoke_zoo: tuple[Path, dict[str, Any]]) -> dict[str, Any]:
-    import mlflow
-    import onnx
+    from tests.stack import local_store, register_onnx
 
     root = tmp_path_factory.mktemp("unlearn-registry")
     zoo_dir, manifest = fm_smoke_zoo
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient(uri)
-    for name in ("models", "trojanscan"):
-        client.create_experiment(name, artifact_location=(root / "artifacts" / name).as_uri())
-    mlflow.set_experiment("models")
+    uri = local_store(root)
     trojan = next(m for m in manifest["models"] if m["trojaned"])
-    versions = {}
-    for name in ("patch-promote", "patch-wait"):
-        with mlflow.start_run():
-            mlflow.log_artifact(str(zoo_dir / "clean_samples.npz"))
-            info = mlflow.onnx.log_model(onnx.load(str(zoo_dir / trojan["files"]["onnx"]["path"])), name="model",
-                                         registered_model_name=name, pip_requirements=["onnxruntime"],
-                                         onnx_execution_providers=["CPUExecutionProvider"])
-        versions[name] = str(info.registered_model_version)
+    versions = {name: register_onnx(zoo_dir / trojan["files"]["onnx"]["path"], zoo_dir / "clean_samples.npz", name)
+                for name in ("patch-promote", "patch-wait")}
     (root / "policy.yaml").write_text(POLICY)
     return {"uri": uri, "root": root, "versions": versions, "policy": load_policy(root / "policy.yaml")}
 
@@ -74,16 +62,19 @@ def _block_and_patch(store: dict[str, Any], name: str) -> tuple[Registry, Any, A
 
 def test_patched_version_is_promoted_only_if_it_rescans_clean(store: dict[str, Any]) -> None:
     """With auto-promote on, the patched version gets the target exactly when its rescan is
-    clean. (On the smoke zoo, patched from 400 clean images, the rescan has come out either way:
+    clean and its CA drop is within the policy's max_ca_drop. (On the smoke zoo, patched from 400 clean images, the rescan has come out either way:
     one run saw TABOR flag another class at 3.65.) Its scan result and report carry the
     before/after numbers of the unlearning run either way."""
     import json
 
     registry, patched, rescan = _block_and_patch(store, "patch-promote")
     assert rescan.status in ("clean", "infected") and rescan.scanned
-    assert rescan.promoted == (rescan.status == "clean")
+    ca_ok = patched.metrics["ca_drop"] <= store["policy"].for_model("patch-promote").max_ca_drop
+    assert rescan.promoted == (rescan.status == "clean" and ca_ok)
     champion = registry.alias_version("patch-promote", "champion")
-    assert champion == (patched.patched_version if rescan.status == "clean" else None)
+    assert champion == (patched.patched_version if rescan.promoted else None)
+    if rescan.status == "clean" and not ca_ok:  # clean but lost too much accuracy: it waits
+        assert any("CA dropped" in reason for reason in rescan.reasons)
     result = json.loads((Path(rescan.result_dir) / "result.json").read_text())
     assert result["unlearning"]["before"]["clean_accuracy"] == pytest.approx(patched.metrics["ca_before"])
     assert result["unlearning"]["patched_from"] == store["versions"]["patch-promote"]
