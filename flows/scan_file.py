@@ -11,7 +11,7 @@ from prefect import flow
 
 from flows.reporting import PrefectReporter
 from scanner.gate import GateOutcome, write_report
-from scanner.scan import ScanSettings, scan_model
+from scanner.scan import ScanSettings, scan_fraction, scan_model
 
 
 @flow(name="scan-file", flow_run_name="scan {model_path}")
@@ -19,11 +19,9 @@ def scan_file(model_path: str, data_path: str, out_dir: str = "trojanscan-scan",
               detectors: list[str] | None = None, seed: int = 0, allow_pickle: bool = False) -> dict[str, Any]:
     settings = ScanSettings(detectors=tuple(detectors or ("ni", "tabor")), seed=seed)
     reporter = PrefectReporter("file", Path(model_path).stem)
-    names = settings.detectors
 
     def progress(detector: str, done: int, total: int) -> None:
-        position = names.index(detector) if detector in names else 0
-        reporter.progress((position + done / max(total, 1)) / len(names), f"{detector}: {done}/{total} classes")
+        reporter.progress(scan_fraction(settings.detectors, detector, done, total), f"{detector}: {done}/{total} classes")
 
     out = Path(out_dir)
     result = scan_model(model_path, data_path, settings, out_dir=out, allow_pickle=allow_pickle, progress=progress)

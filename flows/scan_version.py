@@ -14,14 +14,14 @@ from flows.config import FlowConfig
 from flows.locking import claim_lock
 from flows.reporting import PrefectReporter
 from scanner.gate import GateOutcome, guard, scan_version
+from scanner.policy import Policy
 from scanner.registry import RegistryUnavailable
 
 TRANSIENT_RETRIES = 3  # only an unreachable registry is retried; a verdict is never re-rolled
 
 
-def _is_request(event: str, alias: str | None, config: FlowConfig, name: str) -> bool | None:
+def _is_request(event: str, alias: str | None, policy: Policy, name: str) -> bool | None:
     """Does this event request a scan? None: the model is not covered by the policy."""
-    policy = config.load_policy()
     if not policy.covers(name):
         return None
     request = policy.for_model(name).request
@@ -41,7 +41,7 @@ def scan_model_version(name: str, version: str, event: str = "manual", alias: st
     logger = get_run_logger()
     config = FlowConfig()
     registry, policy = config.registry(), config.load_policy()
-    requested = _is_request(event, alias, config, name)
+    requested = _is_request(event, alias, policy, name)
     if requested is None:
         logger.info("%s is not covered by the policy: ignored", name)
         return {"name": name, "version": version, "status": "skipped"}

@@ -90,9 +90,8 @@ def zoo_build(
 def demo(out: Path = typer.Option(Path("trojanscan-demo"), help="folder for everything the demo writes")) -> None:
     """The end-to-end demo on the embedded defaults (SQLite MLflow, Prefect without a server):
     register a clean and a trojaned model, request their promotion, let the real flows gate them."""
-    from flows.demo import configure, run_demo
+    from flows.demo import run_demo  # sets its environment before it imports Prefect
 
-    configure(out)  # before Prefect is imported: its home and settings live in the demo folder
     try:
         summary = run_demo(out, say=lambda message: console.print(message, highlight=False))
     except TrojanScanError as error:

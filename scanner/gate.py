@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from scanner.errors import TrojanScanError
+from scanner.loading_common import _one_line
 from scanner.policy import ModelPolicy, Policy
 from scanner.registry import (ERROR, FLAGGED, GUARD, PATCHED_FROM, REQUESTED_BY, SCAN_RUN_ID,
                               SCANNED_AT, SETTINGS_HASH, SHA256, STATUS, UNLEARN_RUN_ID, VERDICT, Registry, RegistryUnavailable,
@@ -218,14 +219,9 @@ def scan_version(
     except TrojanScanError as error:
         _record_error(registry, outcome, str(error))
     except Exception as error:  # a bug or an unforeseen input still ends as error, never clean
-        _record_error(registry, outcome, f"{type(error).__name__}: {_first_line(error)}")
+        _record_error(registry, outcome, f"{type(error).__name__}: {_one_line(error)[:300]}")
     outcome.seconds = time.perf_counter() - started
     return outcome
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else ""
 
 
 def _outcome_from_tags(outcome: GateOutcome, info: VersionInfo) -> None:
@@ -237,7 +233,7 @@ def _outcome_from_tags(outcome: GateOutcome, info: VersionInfo) -> None:
 def _scan_and_record(registry: Registry, experiment: str, policy: ModelPolicy, info: VersionInfo, workdir: Path,
                      outcome: GateOutcome, reporter: Reporter) -> None:
     from scanner.model_io import model_digest
-    from scanner.scan import scan_model
+    from scanner.scan import scan_fraction, scan_model
 
     folder = workdir / f"{info.name}-v{info.version}-{uuid.uuid4().hex[:8]}"
     reporter.progress(0.0, f"downloading {info.uri}")
@@ -259,8 +255,7 @@ def _scan_and_record(registry: Registry, experiment: str, policy: ModelPolicy, i
 
         def progress(detector: str, done: int, total: int) -> None:
             budget.check()
-            position = settings.detectors.index(detector) if detector in settings.detectors else 0
-            fraction = (position + done / max(total, 1)) / len(settings.detectors)
+            fraction = scan_fraction(settings.detectors, detector, done, total)
             reporter.progress(0.02 + 0.9 * fraction, f"{detector}: {done}/{total} classes")
 
         scan = scan_model(downloaded.model_file, data_path, settings, out_dir=out_dir,

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from scanner.errors import DataError, TrojanScanError, UnsupportedModelError
+from scanner.loading_common import _one_line
 
 # The MLflow client retries a dead server for minutes by default; a scan should end as `error`
 # (and the flow's own retry decide) well before that. Users can still override both.
@@ -113,11 +114,6 @@ def _is_connection_error(error: BaseException) -> bool:
                                          "ReadTimeout", "ConnectTimeout"))
 
 
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
-
-
 class Registry:
     """An MLflow tracking server + model registry (or a local `sqlite:///` store)."""
 
@@ -136,7 +132,7 @@ class Registry:
         except MlflowException as error:
             if _is_connection_error(error):
                 raise RegistryUnavailable(f"MLflow at {self.tracking_uri} unreachable while {what}") from error
-            raise RegistryError(f"{what}: {_one_line(error)}") from None
+            raise RegistryError(f"{what}: {_one_line(error)[:300]}") from None
         except OSError as error:
             if _is_connection_error(error) or isinstance(error, ConnectionError):
                 raise RegistryUnavailable(f"MLflow at {self.tracking_uri} unreachable while {what}") from error
@@ -295,8 +291,9 @@ class Registry:
 
     def log_scan_run(self, experiment: str, result: dict[str, Any], out_dir: str | Path, tags: dict[str, str],
                      run_name: str) -> str:
-        """One MLflow run per scan: settings as params, anomaly indices as metrics, the result
-        JSON, the report and the trigger/saliency pictures as artifacts (product.md)."""
+        """One MLflow run per scan: settings as params, anomaly indices as metrics, and from
+        `out_dir` the result JSON (written there by the caller), the report and the
+        trigger/saliency pictures as artifacts (product.md)."""
         out_dir = Path(out_dir)
         run = self._call("creating the scan run", self.client.create_run, self.experiment_id(experiment),
                          tags=tags, run_name=run_name)
@@ -323,7 +320,6 @@ class Registry:
             metrics.append(Metric(f"{name}.max_anomaly_index", float(detection.get("max_anomaly_index", 0.0)), now, 0))
             metrics.append(Metric(f"{name}.seconds", float(detection.get("seconds", 0.0)), now, 0))
         self._call("logging the scan", self.client.log_batch, run_id, metrics=metrics, params=params[:100])
-        (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         self._call("uploading the result", self.client.log_artifact, run_id, str(out_dir / "result.json"))
         if (out_dir / "report.html").is_file():
             self._call("uploading the report", self.client.log_artifact, run_id, str(out_dir / "report.html"))

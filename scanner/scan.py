@@ -124,6 +124,12 @@ def decide(detections: dict[str, DetectionResult], rule: str = "any") -> tuple[s
     return "clean", [f"no class reaches the threshold ({best})"]
 
 
+def scan_fraction(detectors: tuple[str, ...], detector: str, done: int, total: int) -> float:
+    """How far a scan is (0..1) when `detector` has finished `done` of its `total` classes."""
+    position = detectors.index(detector) if detector in detectors else 0
+    return (position + done / max(total, 1)) / len(detectors)
+
+
 def run_detectors(model: torch.nn.Module, data: CleanData, num_classes: int, settings: ScanSettings,
                   device: torch.device, progress=None) -> dict[str, DetectionResult]:
     """Run each requested detector with its settings (threshold from the scan settings)."""

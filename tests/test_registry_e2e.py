@@ -81,19 +81,16 @@ class Stack:
     def register(self, name: str, model_id: str, with_clean_data: bool = True, model_file: Path | None = None) -> str:
         """Log a zoo model as an ONNX MLflow model in a run (with the clean samples) and register it."""
         import mlflow
-        import onnx
 
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_experiment("e2e-models")
         entry = next(m for m in self.manifest["models"] if m["id"] == model_id)
+        clean_samples = self.zoo_dir / "clean_samples.npz" if with_clean_data else None
+        if model_file is None:
+            return stack.register_onnx(self.zoo_dir / entry["files"]["onnx"]["path"], clean_samples, name)
         with mlflow.start_run():
-            if with_clean_data:
-                mlflow.log_artifact(str(self.zoo_dir / "clean_samples.npz"))
-            if model_file is None:
-                info = mlflow.onnx.log_model(onnx.load(str(self.zoo_dir / entry["files"]["onnx"]["path"])), name="model",
-                                             registered_model_name=name, pip_requirements=["onnxruntime"],
-                                             onnx_execution_providers=["CPUExecutionProvider"])
-                return str(info.registered_model_version)
+            if clean_samples is not None:
+                mlflow.log_artifact(str(clean_samples))
             folder = self.root / f"broken-{uuid.uuid4().hex[:6]}"
             folder.mkdir()
             (folder / "MLmodel").write_text("flavors:\n  onnx:\n    data: model.onnx\n")
