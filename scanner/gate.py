@@ -34,7 +34,6 @@ from scanner.registry import (ERROR, FLAGGED, GUARD, PATCHED_FROM, REQUESTED_BY,
                               VersionInfo, utc_now)
 
 CLAIM = "trojanscan.claim"
-STALE_MARGIN_SECONDS = 300  # a `running` claim older than the scan budget plus this is abandoned
 
 
 class Reporter(Protocol):
@@ -124,19 +123,30 @@ def needs_scan(info: VersionInfo, policy: ModelPolicy) -> bool:
     if status == "error":
         return False  # terminal until the version is requested again (a new event or a re-tag)
     if status == "running":
-        return _age_seconds(info.tags.get(SCANNED_AT)) > policy.max_scan_seconds + STALE_MARGIN_SECONDS
+        return is_stale_claim(info, policy)
     return True
 
 
+def is_stale_claim(info: VersionInfo, policy: ModelPolicy) -> bool:
+    """A `running` claim older than any live scan can be: its flow died (a killed worker, a
+    registry outage that outlasted the flow's retries). The request it holds is still owed."""
+    return info.status == "running" and \
+        _age_seconds(info.tags.get(SCANNED_AT)) > policy.max_scan_seconds + policy.stale_claim_seconds
+
+
 def pending_requests(registry: Registry, policy: Policy) -> list[Request]:
-    """Every version that holds its request place and waits for a scan (the watcher's poll)."""
+    """Every version that waits for a scan (the watcher's poll): those holding their request
+    place, and those whose claim went stale even if the request place has moved on since (the
+    request was accepted once, so it is still owed a verdict)."""
     found = []
     for name in registry.registered_models():
         if not policy.covers(name):
             continue
         model_policy = policy.for_model(name)
         for info in registry.versions(name):
-            if is_requested(info, model_policy) and needs_scan(info, model_policy):
+            if is_stale_claim(info, model_policy):
+                found.append(Request(name, info.version, "stale claim (its flow died)"))
+            elif is_requested(info, model_policy) and needs_scan(info, model_policy):
                 found.append(Request(name, info.version, f"{model_policy.request.describe()} (poll)"))
     return found
 
@@ -187,8 +197,8 @@ def scan_version(
     """Claim, scan (or reuse a scan of the same bytes and settings), record, and gate one version.
 
     `lock` serialises claims across processes (a Prefect concurrency slot in the flows). Raises
-    only RegistryUnavailable, and only when even the `error` status could not be written: the
-    caller may retry; the version is never promoted meanwhile."""
+    only RegistryUnavailable (the registry could not be reached): the caller may retry with the
+    same claim id; the version is never promoted meanwhile."""
     reporter = reporter or SilentReporter()
     started = time.perf_counter()
     outcome = GateOutcome(name=name, version=str(version), status="error")
@@ -212,10 +222,13 @@ def scan_version(
             _outcome_from_tags(outcome, info)
             outcome.reasons = [f"already scanned: {info.status} (run {info.tags.get(SCAN_RUN_ID)})"]
         else:
-            _scan_and_record(registry, policy.experiment, model_policy, info, Path(workdir), outcome, reporter)
+            _scan_and_record(registry, policy.experiment, model_policy, info, Path(workdir), outcome, reporter,
+                             claim_id)
         _gate(registry, model_policy, outcome)
-    except RegistryUnavailable as error:
-        _record_error(registry, outcome, str(error), reraise=error)
+    except RegistryUnavailable:
+        raise  # transient: the claim stays, the caller retries (or the watcher, once it is stale)
+    except ClaimLost as lost:
+        outcome.status, outcome.reasons = "running", [str(lost)]
     except TrojanScanError as error:
         _record_error(registry, outcome, str(error))
     except Exception as error:  # a bug or an unforeseen input still ends as error, never clean
@@ -230,8 +243,18 @@ def _outcome_from_tags(outcome: GateOutcome, info: VersionInfo) -> None:
     outcome.flagged_classes = json.loads(info.tags.get(FLAGGED, "[]") or "[]")
 
 
+class ClaimLost(Exception):
+    """Another flow took over this version's claim (ours was judged stale): leave it to that one."""
+
+
+def _check_claim(registry: Registry, info: VersionInfo, claim_id: str) -> None:
+    holder = registry.get_version(info.name, info.version).tags.get(CLAIM)
+    if holder != claim_id:
+        raise ClaimLost(f"claim taken over by {holder}; this run records nothing")
+
+
 def _scan_and_record(registry: Registry, experiment: str, policy: ModelPolicy, info: VersionInfo, workdir: Path,
-                     outcome: GateOutcome, reporter: Reporter) -> None:
+                     outcome: GateOutcome, reporter: Reporter, claim_id: str) -> None:
     from scanner.model_io import model_digest
     from scanner.scan import scan_fraction, scan_model
 
@@ -274,6 +297,7 @@ def _scan_and_record(registry: Registry, experiment: str, policy: ModelPolicy, i
         (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         write_report(out_dir)
         reporter.progress(0.95, "logging the scan run")
+        _check_claim(registry, info, claim_id)  # a run that outlived its claim must not log a second scan
         run_id = registry.log_scan_run(experiment, result, out_dir, run_name=f"scan {info.name} v{info.version}",
                                        tags={SHA256: sha256, SETTINGS_HASH: settings_hash,
                                              "trojanscan.model": f"{info.name}/{info.version}"})
@@ -288,6 +312,7 @@ def _scan_and_record(registry: Registry, experiment: str, policy: ModelPolicy, i
         raise TrojanScanError(f"scan run {run_id} ended with verdict {outcome.verdict}: {result.get('reasons')}")
     outcome.status = outcome.verdict
     # tags are written one by one: the status goes last, so whoever sees it sees the rest too
+    _check_claim(registry, info, claim_id)
     registry.set_tags(info.name, info.version, {
         VERDICT: outcome.verdict, FLAGGED: json.dumps(outcome.flagged_classes),
         SCAN_RUN_ID: run_id, SHA256: sha256, SCANNED_AT: utc_now(), SETTINGS_HASH: settings_hash,
@@ -340,10 +365,10 @@ def _gate(registry: Registry, policy: ModelPolicy, outcome: GateOutcome) -> None
 ERROR_TAG_PATIENCE_SECONDS = 60.0  # how long a scan waits for a vanished registry to take its `error`
 
 
-def _record_error(registry: Registry, outcome: GateOutcome, reason: str, reraise: BaseException | None = None) -> None:
+def _record_error(registry: Registry, outcome: GateOutcome, reason: str) -> None:
     """Status `error` with its reason. When the registry is down, keep trying for a minute (a
-    restarted server gets the error); after that let the caller know. The version is then left
-    `running`, never promoted, and the watcher takes it up again once that claim is stale."""
+    restarted server gets the error); after that raise RegistryUnavailable. The version is then
+    left `running`, never promoted, and the watcher takes it up again once that claim is stale."""
     outcome.status, outcome.promoted = "error", False
     outcome.reasons.append(reason)
     deadline = time.monotonic() + ERROR_TAG_PATIENCE_SECONDS
@@ -352,10 +377,9 @@ def _record_error(registry: Registry, outcome: GateOutcome, reason: str, reraise
         try:
             registry.set_tags(outcome.name, outcome.version, {ERROR: reason[:500], SCANNED_AT: utc_now(), STATUS: "error"})
             return
-        except RegistryUnavailable as error:
-            reraise = reraise or error
+        except RegistryUnavailable:
             if time.monotonic() + pause > deadline:
-                raise reraise from None
+                raise
             time.sleep(pause)
             pause = min(pause * 1.5, 5.0)
         except TrojanScanError:

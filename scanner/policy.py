@@ -81,6 +81,8 @@ class ModelPolicy(BaseModel):
     max_ca_drop: float = Field(0.01, ge=0, le=1, description="a patched version losing more CA is never promoted")
     max_scan_seconds: float = Field(3600, gt=0, description="a scan running longer ends as error")
     max_memory_mb: float | None = Field(None, gt=0, description="peak resident memory a scan may use")
+    stale_claim_seconds: float = Field(
+        300, gt=0, description="a `running` claim older than max_scan_seconds plus this is taken over (its flow died)")
 
     @model_validator(mode="after")
     def _target_differs(self) -> ModelPolicy:

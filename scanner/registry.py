@@ -7,6 +7,7 @@ and stages of product.md's MLflow contract.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -301,7 +302,8 @@ class Registry:
         try:
             self.log_result(run_id, result, out_dir)
         except Exception:
-            self.client.set_terminated(run_id, status="FAILED")
+            with contextlib.suppress(Exception):  # the server may be the thing that failed
+                self.client.set_terminated(run_id, status="FAILED")
             raise
         self._call("closing the scan run", self.client.set_terminated, run_id, status="FINISHED")
         return run_id

@@ -203,3 +203,46 @@ def test_missing_data_unknown_version_and_uncovered_model_never_promote(local_re
     missing = scan_version(registry, policy, "gate-model", "999", tmp_path)
     assert missing.status == "error" and not missing.promoted
     assert scan_version(registry, policy, "not-in-policy", "1", tmp_path).status == "skipped"
+
+
+def test_a_dead_flows_claim_is_taken_over_and_a_late_run_records_nothing(local_registry: dict[str, Any],
+                                                                           tmp_path: Path) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from scanner.gate import pending_requests, scan_version
+    from scanner.policy import Policy
+
+    registry = Registry(local_registry["uri"])
+    versions = local_registry["versions"]
+    # other settings than the earlier tests, so the scan is not reused from them
+    policy = Policy(experiment="trojanscan", defaults={"detectors": ["ni"], "threshold": 3.4},
+                    models={"gate-model": {}})
+    version = versions["fm-square4-br"]
+    registry.set_alias("gate-model", "candidate", versions["fm-clean-s0"])  # the request has moved on
+    long_ago = (datetime.now(timezone.utc) - timedelta(hours=2)).isoformat()
+    registry.set_tags("gate-model", version, {"trojanscan.status": "running", "trojanscan.claim": "dead-flow",
+                                              "trojanscan.scanned_at": long_ago})
+    stale = [r for r in pending_requests(registry, policy) if r.version == version]
+    assert len(stale) == 1 and "stale claim" in stale[0].reason
+
+    class TakenOver:  # while this run scans, the watcher judges its claim stale and starts another
+        def progress(self, fraction: float, text: str) -> None:
+            if text == "scanning":
+                registry.set_tags("gate-model", version, {"trojanscan.claim": "newer-flow"})
+
+        def scanned(self, *args: Any) -> None:
+            raise AssertionError("a run without its claim must not record a verdict")
+
+        def note(self, *args: Any) -> None:
+            pass
+
+    runs_before = len(registry.client.search_runs([registry.experiment_id("trojanscan")]))
+    late = scan_version(registry, policy, "gate-model", version, tmp_path, reporter=TakenOver(), claim_id="late-flow")
+    assert late.status == "running" and "taken over" in late.reasons[0] and not late.promoted
+    assert len(registry.client.search_runs([registry.experiment_id("trojanscan")])) == runs_before
+    assert registry.get_version("gate-model", version).tags["trojanscan.claim"] == "newer-flow"
+
+    live = scan_version(registry, policy, "gate-model", version, tmp_path, claim_id="third-flow")
+    assert live.status == "running" and "already being scanned" in live.reasons[0]
+    owner = scan_version(registry, policy, "gate-model", version, tmp_path, claim_id="newer-flow")
+    assert owner.status == "infected" and owner.scanned and not owner.promoted
