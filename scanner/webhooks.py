@@ -86,17 +86,30 @@ def verify(secret: str, headers: dict[str, str], body: bytes, now: float | None 
 class ReplayGuard:
     """Delivery ids seen within the age window, in SQLite (":memory:" for a single process)."""
 
+    PRUNE_EVERY_SECONDS = 10.0  # pruning scans the table: once in a while, not per delivery
+
     def __init__(self, path: str | Path = ":memory:", max_age: float = MAX_AGE_SECONDS) -> None:
         self.max_age = max_age
         self.lock = threading.Lock()
-        self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        # the timeout lets a second receiver process sharing the file wait for its write
+        # instead of failing with "database is locked"
+        self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+        if str(path) != ":memory:":
+            # WAL: a write is one append instead of a rollback journal per delivery; still durable
+            # enough that an accepted id survives a receiver crash (only an OS crash can lose it)
+            self.db.execute("pragma journal_mode=wal")
+            self.db.execute("pragma synchronous=normal")
         self.db.execute("create table if not exists deliveries (id text primary key, seen real)")
+        self.db.execute("create index if not exists deliveries_seen on deliveries (seen)")
+        self._pruned = 0.0
 
     def first_time(self, delivery_id: str) -> bool:
         """Record the id; False when it was recorded before (a replay)."""
         now = time.time()
         with self.lock:
-            self.db.execute("delete from deliveries where seen < ?", (now - 2 * self.max_age,))
+            if now - self._pruned > self.PRUNE_EVERY_SECONDS:
+                self.db.execute("delete from deliveries where seen < ?", (now - 2 * self.max_age,))
+                self._pruned = now
             try:
                 self.db.execute("insert into deliveries values (?, ?)", (delivery_id, now))
             except sqlite3.IntegrityError:
