@@ -27,5 +27,6 @@ def ensure_claim_limit() -> None:
 @contextlib.contextmanager
 def claim_lock() -> Iterator[None]:
     ensure_claim_limit()
-    with concurrency(CLAIM_LIMIT, occupy=1, timeout_seconds=120, strict=True):
+    # the shortest lease the server takes: a holder killed inside frees the slot within a minute
+    with concurrency(CLAIM_LIMIT, occupy=1, timeout_seconds=120, lease_duration=60, strict=True):
         yield

@@ -95,6 +95,7 @@ def mlflow_server(root: Path, port: int, env: dict[str, str]) -> Service:
         "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
         "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
         "MLFLOW_WEBHOOK_CACHE_TTL": "1",
+        "MLFLOW_WEBHOOK_REQUEST_MAX_RETRIES": "8",  # deliveries outlast a receiver restart (about 3 min)
         "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": env.get("MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY")
         or "x0FbFGSM2gbtSnpZ8w4Yq4qkTnE0ZtK6a8cQj0b0Ydc=",
     }
