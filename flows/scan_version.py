@@ -3,7 +3,6 @@ trigger), by the watcher, or by hand. Scans one version and gates its promotion.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -13,11 +12,9 @@ from prefect.states import Failed
 from flows.config import FlowConfig
 from flows.locking import claim_lock
 from flows.reporting import PrefectReporter
-from scanner.gate import GateOutcome, guard, scan_version
+from scanner.gate import guard, scan_version
 from scanner.policy import Policy
 from scanner.registry import RegistryUnavailable
-
-TRANSIENT_RETRIES = 3  # only an unreachable registry is retried; a verdict is never re-rolled
 
 
 def _is_request(event: str, alias: str | None, policy: Policy, name: str) -> bool | None:
@@ -52,18 +49,11 @@ def scan_model_version(name: str, version: str, event: str = "manual", alias: st
         return {"name": name, "version": version, "status": "guard", "actions": actions}
     reporter = PrefectReporter("scan", name, f"v{version}")
     claim_id = str(flow_run.id or "") or None
-    outcome: GateOutcome | None = None
-    for attempt in range(TRANSIENT_RETRIES + 1):
-        try:
-            outcome = scan_version(registry, policy, name, version, config.workdir, lock=claim_lock,
-                                   reporter=reporter, requested_by=event, claim_id=claim_id)
-            break
-        except RegistryUnavailable as error:
-            if attempt == TRANSIENT_RETRIES:
-                return Failed(message=f"error: {error}")
-            logger.warning("%s; retrying in %d s", error, 5 * (attempt + 1))
-            time.sleep(5 * (attempt + 1))
-    assert outcome is not None
+    try:  # scan_version retries an unreachable registry itself
+        outcome = scan_version(registry, policy, name, version, config.workdir, lock=claim_lock,
+                               reporter=reporter, requested_by=event, claim_id=claim_id)
+    except RegistryUnavailable as error:  # not even `error` could be written: the claim goes stale
+        return Failed(message=f"registry unreachable, the watcher retries once the claim is stale: {error}")
     logger.info("%s v%s: %s%s", name, version, outcome.status, " (promoted)" if outcome.promoted else "")
     for reason in outcome.reasons:
         logger.info("  %s", reason)

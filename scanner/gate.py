@@ -34,6 +34,8 @@ from scanner.registry import (ERROR, FLAGGED, GUARD, PATCHED_FROM, REQUESTED_BY,
                               VersionInfo, utc_now)
 
 CLAIM = "trojanscan.claim"
+TRANSIENT_RETRIES = 3  # an unreachable registry: tries before the version ends `error`
+TRANSIENT_PAUSE_SECONDS = 5.0  # pause before retry n is n times this
 
 
 class Reporter(Protocol):
@@ -193,13 +195,17 @@ def scan_version(
     reporter: Reporter | None = None,
     requested_by: str = "manual",
     claim_id: str | None = None,
+    retries: int | None = None,
 ) -> GateOutcome:
     """Claim, scan (or reuse a scan of the same bytes and settings), record, and gate one version.
 
-    `lock` serialises claims across processes (a Prefect concurrency slot in the flows). Raises
-    only RegistryUnavailable (the registry could not be reached): the caller may retry with the
-    same claim id; the version is never promoted meanwhile."""
+    `lock` serialises claims across processes (a Prefect concurrency slot in the flows). An
+    unreachable registry is retried `retries` times (default TRANSIENT_RETRIES, pauses growing
+    by TRANSIENT_PAUSE_SECONDS) with the same claim; then the version ends `error`. Raises
+    RegistryUnavailable only when even that could not be written: the version keeps its
+    `running` claim, is never promoted, and the watcher starts it again once the claim is stale."""
     reporter = reporter or SilentReporter()
+    retries = TRANSIENT_RETRIES if retries is None else retries
     started = time.perf_counter()
     outcome = GateOutcome(name=name, version=str(version), status="error")
     if not policy.covers(name):
@@ -207,34 +213,50 @@ def scan_version(
         return outcome
     model_policy = policy.for_model(name)
     claim_id = claim_id or uuid.uuid4().hex
-    try:
-        with lock():
-            info = registry.get_version(name, version)
-            live_claim = info.status == "running" and not needs_scan(info, model_policy)
-            if live_claim and info.tags.get(CLAIM) != claim_id:
-                outcome.status, outcome.reasons = "running", [f"already being scanned (claim {info.tags.get(CLAIM)})"]
-                return outcome
-            decided = not needs_scan(info, model_policy) and info.status in ("clean", "infected")
-            if not decided:
-                registry.set_tags(name, version, {STATUS: "running", CLAIM: claim_id, SCANNED_AT: utc_now(),
-                                                  REQUESTED_BY: requested_by})
-        if decided:
-            _outcome_from_tags(outcome, info)
-            outcome.reasons = [f"already scanned: {info.status} (run {info.tags.get(SCAN_RUN_ID)})"]
-        else:
-            _scan_and_record(registry, policy.experiment, model_policy, info, Path(workdir), outcome, reporter,
-                             claim_id)
-        _gate(registry, model_policy, outcome)
-    except RegistryUnavailable:
-        raise  # transient: the claim stays, the caller retries (or the watcher, once it is stale)
-    except ClaimLost as lost:
-        outcome.status, outcome.reasons = "running", [str(lost)]
-    except TrojanScanError as error:
-        _record_error(registry, outcome, str(error))
-    except Exception as error:  # a bug or an unforeseen input still ends as error, never clean
-        _record_error(registry, outcome, f"{type(error).__name__}: {_one_line(error)[:300]}")
+    for attempt in range(retries + 1):
+        outcome = GateOutcome(name=name, version=str(version), status="error")
+        try:
+            _claim_scan_and_gate(registry, policy, model_policy, outcome, Path(workdir), lock, reporter,
+                                 requested_by, claim_id)
+        except RegistryUnavailable as error:
+            if attempt < retries:  # transient (product.md): retried, never turned into a verdict
+                pause = TRANSIENT_PAUSE_SECONDS * (attempt + 1)
+                reporter.progress(0.0, f"{error}; retrying in {pause:g} s")
+                time.sleep(pause)
+                continue
+            # raises RegistryUnavailable if even this cannot be written: the claim then goes stale
+            _record_error(registry, outcome, f"{error} (gave up after {retries} retries)")
+        except ClaimLost as lost:
+            outcome.status, outcome.reasons = "running", [str(lost)]
+        except TrojanScanError as error:
+            _record_error(registry, outcome, str(error))
+        except Exception as error:  # a bug or an unforeseen input still ends as error, never clean
+            _record_error(registry, outcome, f"{type(error).__name__}: {_one_line(error)[:300]}")
+        break
     outcome.seconds = time.perf_counter() - started
     return outcome
+
+
+def _claim_scan_and_gate(registry: Registry, policy: Policy, model_policy: ModelPolicy, outcome: GateOutcome,
+                         workdir: Path, lock: Callable[[], contextlib.AbstractContextManager[Any]], reporter: Reporter,
+                         requested_by: str, claim_id: str) -> None:
+    name, version = outcome.name, outcome.version
+    with lock():
+        info = registry.get_version(name, version)
+        live_claim = info.status == "running" and not needs_scan(info, model_policy)
+        if live_claim and info.tags.get(CLAIM) != claim_id:
+            outcome.status, outcome.reasons = "running", [f"already being scanned (claim {info.tags.get(CLAIM)})"]
+            return
+        decided = not needs_scan(info, model_policy) and info.status in ("clean", "infected")
+        if not decided:
+            registry.set_tags(name, version, {STATUS: "running", CLAIM: claim_id, SCANNED_AT: utc_now(),
+                                              REQUESTED_BY: requested_by})
+    if decided:
+        _outcome_from_tags(outcome, info)
+        outcome.reasons = [f"already scanned: {info.status} (run {info.tags.get(SCAN_RUN_ID)})"]
+    else:
+        _scan_and_record(registry, policy.experiment, model_policy, info, workdir, outcome, reporter, claim_id)
+    _gate(registry, model_policy, outcome)
 
 
 def _outcome_from_tags(outcome: GateOutcome, info: VersionInfo) -> None:

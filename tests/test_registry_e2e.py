@@ -240,40 +240,58 @@ def test_missing_clean_data_and_unloadable_model_end_as_error(live: Stack, tmp_p
     assert registry.alias_version("e2e-broken", "champion") is None
 
 
-def test_mlflow_server_going_away_mid_scan_ends_as_error(live: Stack) -> None:
-    """The gate runs in this process; the MLflow server is killed when the scan starts and
-    restarted a few seconds later: the version ends `error`, never promoted."""
-    import threading
+class KillMlflowOnScan:
+    """A reporter that kills the MLflow server when the detectors start and restarts it 3 s later."""
 
+    def __init__(self, live: Stack) -> None:
+        self.live, self.killed = live, False
+
+    def progress(self, fraction: float, text: str) -> None:
+        import threading
+
+        if text == "scanning" and not self.killed:
+            self.killed = True
+            self.live.mlflow.stop()
+            threading.Timer(3.0, self.live.mlflow.start).start()
+
+    def scanned(self, *args: Any) -> None:
+        pass
+
+    def note(self, *args: Any) -> None:
+        pass
+
+
+def test_mlflow_server_going_away_mid_scan(live: Stack) -> None:
+    """The gate runs in this process; the MLflow server is killed when the scan starts and
+    restarted 3 s later. With no retries left the version ends `error`, never promoted; with
+    the default retries the outage is transient: one scan run, the verdict, the promotion."""
     from scanner.gate import scan_version
     from scanner.policy import load_policy
 
     registry = live.registry()
+    (live.root / "vanish-policy.yaml").write_text(POLICY + "  e2e-vanish: {}\n")
+    policy = load_policy(live.root / "vanish-policy.yaml")
     version = live.register("e2e-vanish", "fm-clean-s0")  # not in the worker's policy: only this test scans it
     registry.set_alias("e2e-vanish", "candidate", version)
-    (live.root / "vanish-policy.yaml").write_text(POLICY + "  e2e-vanish: {}\n")
-
-    class KillOnScan:
-        killed = False
-
-        def progress(self, fraction: float, text: str) -> None:
-            if text == "scanning" and not self.killed:
-                self.killed = True
-                live.mlflow.stop()
-                threading.Timer(3.0, live.mlflow.start).start()
-
-        def scanned(self, *args: Any) -> None:
-            pass
-
-        def note(self, *args: Any) -> None:
-            pass
-
-    reporter = KillOnScan()
-    policy = load_policy(live.root / "vanish-policy.yaml")
-    outcome = scan_version(registry, policy, "e2e-vanish", version, live.root / "work-vanish", reporter=reporter)
+    reporter = KillMlflowOnScan(live)
+    outcome = scan_version(registry, policy, "e2e-vanish", version, live.root / "work-vanish", reporter=reporter,
+                           retries=0)
     assert reporter.killed
     assert outcome.status == "error" and not outcome.promoted
     stack.wait_http(f"{live.tracking_uri}/health", 60)
     assert live.status("e2e-vanish", version) == "error"
     assert "unreachable" in live.tags("e2e-vanish", version)["trojanscan.error"]
     assert registry.alias_version("e2e-vanish", "champion") is None
+
+    retried = live.register("e2e-vanish", "fm-clean-s0")
+    registry.set_alias("e2e-vanish", "candidate", retried)
+    reporter = KillMlflowOnScan(live)
+    outcome = scan_version(registry, policy, "e2e-vanish", retried, live.root / "work-vanish", reporter=reporter)
+    assert reporter.killed
+    assert (outcome.status, outcome.promoted) == ("clean", True), outcome.reasons
+    assert registry.alias_version("e2e-vanish", "champion") == retried
+    sha = live.tags("e2e-vanish", retried)["trojanscan.model_sha256"]
+    finished = live.registry().client.search_runs(
+        [registry.experiment_id("trojanscan")],
+        filter_string=f"tags.`trojanscan.model_sha256` = '{sha}' and attributes.status = 'FINISHED'")
+    assert len(finished) == 1
