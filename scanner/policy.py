@@ -79,6 +79,10 @@ class ModelPolicy(BaseModel):
     auto_unlearn: bool = False
     auto_promote_patched: bool = False
     max_ca_drop: float = Field(0.01, ge=0, le=1, description="a patched version losing more CA is never promoted")
+    min_images_per_class: int = Field(5, ge=1, description="clean images every class needs (ScanSettings)")
+    min_clean_accuracy: float | None = Field(
+        None, ge=0, le=1, description="the model's accuracy its clean data must reach, else the data is taken for "
+        "another model's (None: max(2 x chance, 0.5); 0: no check; see ScanSettings)")
     max_scan_seconds: float = Field(3600, gt=0, description="a scan running longer ends as error")
     max_memory_mb: float | None = Field(None, gt=0, description="peak resident memory a scan may use")
     stale_claim_seconds: float = Field(
@@ -94,7 +98,9 @@ class ModelPolicy(BaseModel):
 
     def scan_settings(self) -> ScanSettings:
         return ScanSettings(detectors=self.detectors, threshold=self.threshold, seed=self.seed, device=self.device,
-                            detector_settings=self.detector_settings, verdict_rule=self.verdict_rule)
+                            detector_settings=self.detector_settings, verdict_rule=self.verdict_rule,
+                            min_images_per_class=self.min_images_per_class,
+                            min_clean_accuracy=self.min_clean_accuracy)
 
     def settings_hash(self) -> str:
         """What decides a verdict besides the model bytes: one scan per (sha256, this)."""

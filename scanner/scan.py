@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from scanner import __version__
 from scanner.data import CleanData
@@ -29,7 +29,23 @@ TOP_SUSPICIOUS = 3  # classes beyond the flagged ones whose triggers are saved a
 
 
 class ScanSettings(BaseModel):
-    """What a scan runs with; recorded in the result so the scan can be reproduced."""
+    """What a scan runs with; recorded in the result so the scan can be reproduced.
+
+    Two settings refuse clean data that cannot support a verdict (exit 2, status `error`):
+
+    - `min_images_per_class`: trigger restoration (NC, TABOR, NC++) optimises, for each class,
+      the smallest mask that sends the other classes' images to it, and NeuronInspect builds
+      each class's saliency from its own images. With a handful of images per class a tiny mask
+      can overfit them, so a clean class looks like an outlier or a trojan's small trigger is
+      hidden among noisy ones; the anomaly index compares these numbers across classes and
+      needs every class measured on enough images.
+    - `min_clean_accuracy`: data from another model (another task's images and labels, with the
+      same shape and label range) passes every format check, but the detectors then restore
+      "triggers" from images the model does not recognise, and a trojan can read as clean.
+      A working classifier labels its own clean data far better than chance, so the model's
+      accuracy on the data must reach this share. None (the default) means
+      max(2 x chance, 0.5): 0.5 for 4 classes or more, 2/K below that. 0 turns the check off.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -40,9 +56,42 @@ class ScanSettings(BaseModel):
     threshold: float = Field(2.0, gt=0, description="anomaly index at or above which a class is flagged")
     seed: int = 0
     device: str = Field("auto", description="auto, cpu or cuda[:n]")
-    min_images_per_class: int = Field(5, ge=1, description="clean images every class needs")
+    min_images_per_class: int = Field(5, ge=1, description="clean images every class needs (restoration "
+                                      "and saliency are measured per class)")
+    min_clean_accuracy: float | None = Field(None, ge=0, le=1, description="the model's accuracy the clean data must "
+                                             "reach, else it is taken for another model's data; None: "
+                                             "max(2 x chance, 0.5); 0: no check")
     detector_settings: dict[str, dict[str, Any]] = Field(default_factory=dict,
                                                          description="per detector, fields of its settings model")
+
+    @model_serializer(mode="wrap")
+    def _omit_automatic_accuracy(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # the automatic accuracy floor only refuses data, it never changes a verdict: leaving it
+        # out keeps the settings hashes (registry tags, benchmark caches) of earlier scans valid
+        dumped = handler(self)
+        if self.min_clean_accuracy is None:
+            dumped.pop("min_clean_accuracy", None)
+        return dumped
+
+    def accuracy_floor(self, num_classes: int) -> float:
+        """The clean accuracy a model with `num_classes` classes must reach on the clean data."""
+        if self.min_clean_accuracy is not None:
+            return self.min_clean_accuracy
+        return max(2.0 / num_classes, 0.5)
+
+
+def check_clean_accuracy(module: torch.nn.Module, data: CleanData, num_classes: int, settings: ScanSettings) -> float:
+    """The model's accuracy on the clean data; DataError when it is below the settings' floor
+    (the data most likely belongs to another model, see ScanSettings)."""
+    from scanner.training import accuracy
+
+    achieved = accuracy(module, data)
+    floor = settings.accuracy_floor(num_classes)
+    if achieved < floor:
+        raise DataError(f"the model labels only {achieved:.1%} of the clean data correctly (chance "
+                        f"{1 / num_classes:.1%}, at least {floor:.1%} needed): the clean data seems to belong "
+                        f"to another model or task")
+    return achieved
 
 
 def resolve_device(name: str) -> torch.device:
@@ -216,13 +265,15 @@ def scan_model(model_path: str | Path, data_path: str | Path, settings: ScanSett
     if num_classes is None or num_classes < 3:
         raise DataError(f"the model has {num_classes} outputs; a scan needs at least 3 classes")
     data.check_fits(num_classes, loaded.input_shape, min_per_class=settings.min_images_per_class)
+    clean_accuracy = check_clean_accuracy(loaded.module, data, num_classes, settings)  # on the CPU, before .to(device)
     module = loaded.module.to(device)
     result = ScanResult(
         model={"reference": model_reference or str(model_path), "path": str(model_path), "format": loaded.format,
                "sha256": loaded.sha256, "input_shape": list(data.image_shape), "num_classes": num_classes,
                "normalization": normalization, "load_details": loaded.details},
         data={"reference": str(data_path), "images": len(data), "image_shape": list(data.image_shape),
-              "images_per_class": np.bincount(data.y, minlength=num_classes).tolist()},
+              "images_per_class": np.bincount(data.y, minlength=num_classes).tolist(),
+              "clean_accuracy": round(clean_accuracy, 4)},
         settings=settings, device=str(device),
     )
     result.detections = run_detectors(module, data, num_classes, settings, device, progress)
