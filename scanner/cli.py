@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -241,7 +242,7 @@ def scan(
     """Scan one model for trojan backdoors. Exit 0 clean, 1 infected, 2 error, 3 unsupported, 4 usage."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from scanner.scan import ScanSettings, error_result, scan_model
+    from scanner.scan import ScanSettings
 
     from scanner.detectors import DETECTORS
 
@@ -266,40 +267,70 @@ def scan(
     except ValueError as error:
         usage(str(error).splitlines()[0])
     out_dir = out or (json_path.parent if json_path else None)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} classes"),
+                   TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+    tasks: dict[str, Any] = {}
+
+    def progress(name: str, done: int, total: int) -> None:
+        if not tasks:  # shown from the first detector's progress on, not while downloading or loading
+            bar.start()
+        if name not in tasks:
+            tasks[name] = bar.add_task(name, total=total)
+        bar.update(tasks[name], completed=done, total=total)
+
+    try:
+        outcome = scan_outcome(model, data, settings, out_dir=out_dir, allow_pickle=allow_pickle,
+                               normalization=(means, stds) if means is not None else None, progress=progress)
+    finally:
+        bar.stop()
+    if outcome.message is not None:  # an error or an unsupported file: no summary, one line
+        if json_path:
+            _write_json(json_path, outcome.result.to_json())
+            console.print(_report_beside(json_path, None), highlight=False)
+        print(outcome.message, file=sys.stderr)
+        raise typer.Exit(outcome.exit_code)
+    print_summary(outcome.result)
+    if json_path:
+        _write_json(json_path, outcome.result.to_json())
+        console.print(f"result: {json_path}", highlight=False)
+        console.print(_report_beside(json_path, out_dir), highlight=False)
+    raise typer.Exit(outcome.exit_code)
+
+
+@dataclass
+class ScanOutcome:
+    """What `trojanscan scan` ends with: its exit code, the one line it prints on stderr (None
+    for a finished scan, whose summary goes to stdout) and the result it writes with --json."""
+
+    exit_code: int
+    message: str | None
+    result: Any  # scanner.scan.ScanResult; an `error` result when the scan did not finish
+
+
+def scan_outcome(model: str, data: Path | None, settings: Any, *, out_dir: Path | None = None,
+                 allow_pickle: bool = False, normalization: tuple[list[float], list[float]] | None = None,
+                 progress: Any = None) -> ScanOutcome:
+    """Everything `trojanscan scan` does between parsing its options and printing: fetch a
+    `models:/` version, load the model and data, scan, and map every failure to its exit code and
+    one line. Separate from the command so tests can run many files through it in one process."""
+    from scanner.scan import error_result, scan_model
+
     try:
         if model.startswith("models:/"):
             model, data = _fetch_registry_model(model, data, allow_pickle)
         if data is None:
             raise DataError("no clean data: pass --data CLEAN.npz (a scan never runs without clean images)")
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} classes"),
-                      TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
-            tasks: dict[str, Any] = {}
-
-            def progress(name: str, done: int, total: int) -> None:
-                if name not in tasks:
-                    tasks[name] = bar.add_task(name, total=total)
-                bar.update(tasks[name], completed=done, total=total)
-
-            result = scan_model(model, data, settings, out_dir=out_dir, allow_pickle=allow_pickle,
-                                normalization=(means, stds) if means is not None else None, progress=progress)
+        result = scan_model(model, data, settings, out_dir=out_dir, allow_pickle=allow_pickle,
+                            normalization=normalization, progress=progress)
     except TrojanScanError as error:
-        if json_path:
-            _write_json(json_path, error_result(str(error), model, str(data) if data else None, settings).to_json())
-            console.print(_report_beside(json_path, None), highlight=False)
-        fail(error)
+        reason = str(error)
+        return ScanOutcome(error.exit_code, f"trojanscan: error: {reason}",
+                           error_result(reason, model, str(data) if data else None, settings))
     except Exception as error:  # a bug or an unforeseen input: still one line, still an error
         reason = f"scan failed: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-        if json_path:
-            _write_json(json_path, error_result(reason, model, str(data) if data else None, settings).to_json())
-            console.print(_report_beside(json_path, None), highlight=False)
-        print(f"trojanscan: error: {reason}", file=sys.stderr)
-        raise typer.Exit(EXIT_ERROR)
-    print_summary(result)
-    if json_path:
-        _write_json(json_path, result.to_json())
-        console.print(f"result: {json_path}", highlight=False)
-        console.print(_report_beside(json_path, out_dir), highlight=False)
-    raise typer.Exit(EXIT_INFECTED if result.verdict == "infected" else EXIT_CLEAN)
+        return ScanOutcome(EXIT_ERROR, f"trojanscan: error: {reason}",
+                           error_result(reason, model, str(data) if data else None, settings))
+    return ScanOutcome(EXIT_INFECTED if result.verdict == "infected" else EXIT_CLEAN, None, result)
 
 
 def _fetch_registry_model(uri: str, data: Path | None, allow_pickle: bool) -> tuple[str, Path | None]:
