@@ -14,6 +14,13 @@ import numpy as np
 from torch import nn
 
 
+CHECK_BATCH = 8  # images used to cross-check a loaded model (onnxruntime vs torch, finite logits)
+# Largest tensor the load checks let a model compute on the check batch (1 GiB of float32, 128 MiB
+# per image): shapes are worked out before anything is allocated, so a file of a few bytes cannot
+# make the scanner allocate without bound (a huge ConstantOfShape, padding or declared dims).
+MAX_TENSOR_ELEMENTS = 2**28
+
+
 @dataclass
 class _Loaded:
     """What a format loader hands back before the common checks."""
@@ -25,6 +32,9 @@ class _Loaded:
     static_batch: int | None = None
     # runs the original file on normalised input (onnxruntime), to cross-check the conversion
     reference: Callable[[np.ndarray], np.ndarray] | None = None
+    # works out every tensor's shape for an input batch shape without allocating (raises
+    # ModelLoadError); run before the first real forward pass
+    shape_check: Callable[[tuple[int, ...]], None] | None = None
 
 
 def _one_line(exc: BaseException) -> str:

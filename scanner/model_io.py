@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 from scanner.errors import DataError, ModelLoadError, TrojanScanError, UnsupportedModelError
-from scanner.loading_common import _Loaded, _one_line, _zip_root_names
+from scanner.loading_common import CHECK_BATCH, _Loaded, _one_line, _zip_root_names
 from scanner.onnx_loading import ONNX_TOLERANCE  # noqa: F401  (re-exported)
 from scanner.onnx_loading import (_compare_reference, _load_onnx, _looks_like_onnx, _onnx_uses_external_data,
                                   _parse_onnx, embed_external_data, external_data_files)
@@ -42,7 +43,6 @@ from scanner.pt2_guard import _load_pt2
 
 DEFAULT_MAX_BYTES = 2 * 1024**3
 DEFAULT_MAX_NODES = 100_000
-CHECK_BATCH = 8  # images used to cross-check onnxruntime against the converted model
 
 FORMAT_ONNX = "onnx"
 FORMAT_PT2 = "pt2"
@@ -143,9 +143,10 @@ def load_model(
     _check_normalization(normalization)
     raw = _read_bytes(path, max_bytes)
     fmt, onnx_model = _detect_format(raw, path)
-    digest = _digest(raw, external_data_files(onnx_model, path) if onnx_model is not None else [])
+    external = external_data_files(onnx_model, path, max_bytes) if onnx_model is not None else []
+    digest = _digest(raw, external)
     if onnx_model is not None and _onnx_uses_external_data(onnx_model.graph):
-        embed_external_data(onnx_model, path, external_data_files(onnx_model, path), max_bytes)
+        embed_external_data(onnx_model, path, external, max_bytes)
         raw = onnx_model.SerializeToString()
     if fmt == FORMAT_PICKLE and not allow_pickle:
         raise ModelLoadError(
@@ -170,7 +171,9 @@ def _digest(raw: bytes, external_files: list[Path]) -> str:
         return hashlib.sha256(raw).hexdigest()
     combined = hashlib.sha256(hashlib.sha256(raw).digest())
     for file in external_files:
-        combined.update(file.name.encode() + b"\0" + hashlib.sha256(file.read_bytes()).digest())
+        with open(file, "rb") as handle:  # in blocks: external data can be as large as the limit
+            file_hash = hashlib.file_digest(handle, "sha256").digest()
+        combined.update(file.name.encode() + b"\0" + file_hash)
     return combined.hexdigest()
 
 
@@ -179,7 +182,7 @@ def model_digest(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> str:
     path = Path(path)
     raw = _read_bytes(path, max_bytes)
     onnx_model = None if raw.startswith((b"PK", b"\x80")) else _parse_onnx(raw)
-    return _digest(raw, external_data_files(onnx_model, path) if onnx_model is not None else [])
+    return _digest(raw, external_data_files(onnx_model, path, max_bytes) if onnx_model is not None else [])
 
 
 def _load_checked(
@@ -273,11 +276,15 @@ def _detect_zip(raw: bytes, path: Path) -> str:
     try:
         with zipfile.ZipFile(io.BytesIO(raw)) as zf:
             _, names = _zip_root_names(zf)
+            zf_names = zf.namelist()
             archive_format = _zip_read_small(zf, "archive_format")
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
         raise ModelLoadError(f"{path} is a corrupt zip archive: {_one_line(exc)}") from exc
     has_program = any(n.startswith("models/") and n.endswith(".json") for n in names)
-    if archive_format == b"pt2" or has_program:
+    # a .pt2 with one entry renamed has no single root folder any more: still a (broken) .pt2,
+    # which the archive check then refuses with exit 2 rather than "unsupported"
+    nested_pt2 = any(re.fullmatch(r"[^/]+/(archive_format|models/[^/]+\.json)", n) for n in zf_names)
+    if archive_format == b"pt2" or has_program or nested_pt2:
         return FORMAT_PT2
     if any(n.startswith("code/") for n in names) or "constants.pkl" in names:
         raise UnsupportedModelError(
@@ -379,6 +386,8 @@ def _check_forward(
             )
         return None
     inputs = torch.from_numpy(x)
+    if loaded.shape_check is not None:  # sizes first, so a crafted shape cannot allocate without bound
+        loaded.shape_check((loaded.static_batch or len(x), *x.shape[1:]))
     try:
         with torch.no_grad():
             logits = wrapped(inputs)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from scanner.errors import ModelLoadError
-from scanner.loading_common import _Loaded, _one_line
+from scanner.loading_common import CHECK_BATCH, MAX_TENSOR_ELEMENTS, _Loaded, _one_line
 
 if TYPE_CHECKING:  # annotation only: model_io imports this module
     from scanner.model_io import PixelSpaceModel
@@ -63,6 +63,7 @@ def _load_onnx(raw: bytes, model: Any, path: Path, max_nodes: int) -> _Loaded:
     except Exception as exc:  # onnx raises several checker/validation error types
         raise ModelLoadError(f"ONNX model {path} is invalid: {_one_line(exc)}") from exc
 
+    _check_onnx_shapes(model, path)
     input_shape = _onnx_input_shape(graph, path)
     if len(graph.output) != 1:
         raise ModelLoadError(
@@ -96,6 +97,31 @@ def _load_onnx(raw: bytes, model: Any, path: Path, max_nodes: int) -> _Loaded:
     return _Loaded(module=module, input_shape=input_shape, details=details, reference=reference)
 
 
+def _check_onnx_shapes(model: Any, path: Path) -> None:
+    """Before anything is converted or allocated: strict shape inference (constants propagated)
+    must agree with every shape the file declares, and no tensor may exceed MAX_TENSOR_ELEMENTS on
+    the check batch. A symbolic dimension counts as the check batch size."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as exc:  # InferenceError, ValidationError, or a protobuf error on odd fields
+        raise ModelLoadError(f"ONNX model {path} has inconsistent shapes or types: {_one_line(exc)}") from exc
+    graph = inferred.graph
+    shapes = [(t.name, list(t.dims), False) for t in graph.initializer]
+    for info in [*graph.input, *graph.value_info, *graph.output]:
+        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+            dims = info.type.tensor_type.shape.dim
+            shapes.append((info.name, [d.dim_value if d.HasField("dim_value") else None for d in dims], True))
+    for name, dims, symbolic_is_batch in shapes:
+        elements = 1
+        for dim in dims:
+            elements *= CHECK_BATCH if dim is None and symbolic_is_batch else max(int(dim or 0), 0)
+        if elements > MAX_TENSOR_ELEMENTS:
+            raise ModelLoadError(f"ONNX model {path}: tensor {name[:60]!r} would hold {elements} elements on "
+                                 f"{CHECK_BATCH} images, over the limit of {MAX_TENSOR_ELEMENTS}")
+
+
 def _count_onnx_nodes(graph: Any) -> int:
     """Nodes of the graph and of every subgraph (If/Loop/Scan bodies)."""
     total = 0
@@ -115,25 +141,47 @@ def _onnx_uses_external_data(graph: Any) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
 
 
-def external_data_files(model: Any, path: Path) -> list[Path]:
+def external_data_files(model: Any, path: Path, max_bytes: int | None = None) -> list[Path]:
     """The external tensor files an ONNX model refers to (MLflow saves ONNX models this way by
     default). Each must be a plain file name in the model's own folder: a location with a folder
-    part or `..` could read any file on the scanning machine, so it is refused."""
+    part or `..` could read any file on the scanning machine, so it is refused. Each tensor's
+    offset and length must lie inside its file, and (with `max_bytes`) the files together must be
+    within the limit, all checked before anything reads them (the digest reads them first)."""
     import onnx
 
     files = set()
     for tensor in model.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        if not location or Path(location).name != location or location in (".", ".."):
-            raise ModelLoadError(f"ONNX model {path}: external data location {location!r} is not a file "
+        fields = {e.key: e.value for e in tensor.external_data}
+        location = fields.get("location", "")
+        if not location or Path(location).name != location or location in (".", "..") or "\0" in location:
+            raise ModelLoadError(f"ONNX model {path}: external data location {location[:80]!r} is not a file "
                                  "name beside the model; refused")
         file = path.parent / location
         if not file.is_file() or file.is_symlink():
             raise ModelLoadError(f"ONNX model {path}: external data file {location} is missing")
+        _check_external_range(fields, file.stat().st_size, tensor.name, path)
         files.add(file)
+    if max_bytes is not None:
+        total = sum(file.stat().st_size for file in files)
+        if total > max_bytes:
+            raise ModelLoadError(f"ONNX model {path}: external data is {total} bytes, over the limit of {max_bytes}")
     return sorted(files)
+
+
+def _check_external_range(fields: dict[str, str], file_size: int, tensor: str, path: Path) -> None:
+    """offset/length must be plain non-negative integers inside the file (onnx would otherwise
+    seek anywhere or ask for a buffer of the declared length)."""
+    try:
+        offset = int(fields.get("offset", "0"))
+        length = int(fields["length"]) if "length" in fields else file_size - offset
+    except ValueError:
+        offset = length = -1
+    if offset < 0 or length < 0 or offset + length > file_size:
+        raise ModelLoadError(f"ONNX model {path}: external data of tensor {tensor[:60]!r} (offset "
+                             f"{fields.get('offset', '0')[:20]}, length {fields.get('length', '-')[:20]}) lies outside "
+                             f"its {file_size}-byte file; refused")
 
 
 def embed_external_data(model: Any, path: Path, files: list[Path], max_bytes: int) -> None:

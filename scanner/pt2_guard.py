@@ -31,24 +31,36 @@ pickled payloads, sample inputs that load with `weights_only=True`, node targets
 `torch.ops.aten.*` and a few symbolic-int operators, and `expr_str` strings restricted to a
 small sympy grammar. After loading, every `call_function` target is checked again on the
 deserialised graph.
+
+The zip itself is checked strictly too (`_check_zip_layout`), because two zip readers look at it:
+Python's `zipfile` here and torch's C++ reader in `torch.export.load`. Anything on which they could
+disagree is refused: duplicate names (each reader may pick a different copy, so the vetted member
+need not be the one torch loads), bytes before the first entry or a central directory that is not
+where the end record says, local headers that differ from the central directory, overlapping
+entries, odd names (`..`, absolute, backslashes). `torch.export.save` stores every member
+uncompressed, so compressed or encrypted members are refused as well: that rules out zip bombs,
+and every declared size is backed by bytes in the file.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import operator
+import struct
 import re
 import tokenize
 import warnings
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from scanner.errors import ModelLoadError
-from scanner.loading_common import _Loaded, _one_line, _zip_root_names
+from scanner.loading_common import MAX_TENSOR_ELEMENTS, _Loaded, _one_line, _zip_root_names
 
 # Files torch.export.save writes for a plain program (relative to the archive's root folder).
 _PT2_FIXED_ENTRIES = {
@@ -67,8 +79,8 @@ _PT2_OTHER_TARGETS = {f"_operator.{name}" for name in _SYM_OPERATORS} | {
 _SYMPY_NAMES = {
     "Symbol", "Integer", "Rational", "Float", "Max", "Min", "Mod", "Abs", "Eq", "Ne", "Lt", "Le",
     "Gt", "Ge", "And", "Or", "Not", "True", "False", "oo", "FloorDiv", "CeilDiv", "CleanDiv",
-    "ModularIndexing", "Where", "PythonMod", "CeilToInt", "FloorToInt", "PowByNatural",
-    "FloatPow", "FloatTrueDiv", "IntTrueDiv", "IsNonOverlappingAndDenseIndicator",
+    "ModularIndexing", "Where", "PythonMod", "CeilToInt", "FloorToInt",
+    "FloatTrueDiv", "IntTrueDiv", "IsNonOverlappingAndDenseIndicator",
     "TruncToFloat", "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat", "Identity",
     # Symbol(...) assumptions
     "positive", "negative", "nonnegative", "nonpositive", "integer", "real", "finite", "zero",
@@ -79,17 +91,23 @@ _SYMPY_OPS = {
     "(", ")", ",", "+", "-", "*", "/", "%", "**", "//", "=", "==", "!=", "<", "<=", ">", ">=",
     "&", "|", "~",
 }
+_MAX_POWERS, _MAX_EXPONENT, _MAX_NUMBER_CHARS = 2, 64, 30  # keep sympify's arithmetic small
+MAX_JSON_BYTES = 256 * 1024**2  # a program JSON of the 100k-node limit is ~100 MB; JSON expands ~10x in memory
 _SYMBOL_STRING = re.compile(r"'[a-z]+[0-9]+'|\"[a-z]+[0-9]+\"")
 
 
 def _load_pt2(raw: bytes, path: Path, max_bytes: int, max_nodes: int) -> _Loaded:
     details = _check_pt2_archive(raw, path, max_bytes, max_nodes)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.export.load(io.BytesIO(raw))
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load torch.export program {path}: {_one_line(exc)}") from exc
+    with _torch_log() as logged:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                program = torch.export.load(io.BytesIO(raw))
+        except Exception as exc:
+            # torch logs the real cause (with a traceback) and raises a generic "see the warnings
+            # above": report the cause, on one line
+            cause = next((r.exc_info[1] for r in logged if r.exc_info and r.exc_info[1] is not None), exc)
+            raise ModelLoadError(f"cannot load torch.export program {path}: {_one_line(cause)}") from exc
     _check_pt2_graph_targets(program, path)
 
     user_inputs = list(program.graph_signature.user_inputs)
@@ -118,7 +136,73 @@ def _load_pt2(raw: bytes, path: Path, max_bytes: int, max_nodes: int) -> _Loaded
     return _Loaded(
         module=module, input_shape=input_shape, details=details,  # type: ignore[arg-type]
         inner_trainable=False, static_batch=static_batch,
+        shape_check=lambda batch_shape: _check_pt2_shapes(module, batch_shape, path),
     )
+
+
+def _check_pt2_shapes(module: torch.nn.Module, batch_shape: tuple[int, ...], path: Path) -> None:
+    """Run the graph on fake tensors (shapes only, nothing allocated): every tensor must stay within
+    MAX_TENSOR_ELEMENTS, and every static dimension the program records for a node must be the one
+    it computes (a program whose recorded shapes lie is corrupt or crafted)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils import _pytree
+
+    class ShapeCheck(torch.fx.Interpreter):
+        def run_node(self, node: torch.fx.Node) -> Any:
+            out = super().run_node(node)
+            for value in _pytree.tree_leaves(out):
+                if isinstance(value, torch.Tensor) and value.numel() > MAX_TENSOR_ELEMENTS:
+                    raise ModelLoadError(f"{path}: node {node.name[:60]} would make a tensor of {value.numel()} "
+                                         f"elements on the check batch, over the limit of {MAX_TENSOR_ELEMENTS}")
+            recorded = node.meta.get("val")
+            if isinstance(recorded, torch.Tensor) and isinstance(out, torch.Tensor) and (
+                recorded.dim() != out.dim()
+                or any(isinstance(r, int) and r != a for r, a in zip(recorded.shape, out.shape))
+            ):
+                raise ModelLoadError(f"{path}: node {node.name[:60]} computes shape {tuple(out.shape)} but the "
+                                     f"program records {tuple(recorded.shape)}; refused as inconsistent")
+            return out
+
+    graph_module = module if isinstance(module, torch.fx.GraphModule) else None
+    if graph_module is None:
+        return
+    try:
+        with _torch_log(), FakeTensorMode(allow_non_fake_inputs=True):
+            ShapeCheck(graph_module).run(torch.empty(batch_shape))
+    except ModelLoadError as exc:  # fx adds "While executing ..." lines to errors raised in a node
+        raise ModelLoadError(_one_line(exc)) from exc
+    except Exception as exc:  # a shape error in the graph: the real forward would fail the same way
+        raise ModelLoadError(f"forward pass of {path} fails on the check batch's shapes: {_one_line(exc)}") from exc
+
+
+@contextmanager
+def _torch_log() -> Iterator[list[logging.LogRecord]]:
+    """Collect what torch logs instead of letting it reach stderr: `torch.export.load` and fake
+    tensors log multi-line tracebacks when they fail, and the CLI promises one line on stderr.
+    torch puts its stderr handlers on `torch` and on some of its children: swap them all."""
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    collect = Collect()
+    names = ["torch", "torch.export"] + [
+        name for name, logger in logging.root.manager.loggerDict.items()
+        if name.startswith("torch.") and isinstance(logger, logging.Logger) and logger.handlers
+    ]
+    saved = {}
+    for name in dict.fromkeys(names):
+        logger = logging.getLogger(name)
+        saved[name] = (logger.handlers, logger.propagate)
+        logger.handlers = [collect]
+        logger.propagate = False
+    try:
+        yield records
+    finally:
+        for name, (handlers, propagate) in saved.items():
+            logging.getLogger(name).handlers = handlers
+            logging.getLogger(name).propagate = propagate
 
 
 def _pt2_input_dims(program: Any, name: str) -> list[Any] | None:
@@ -136,6 +220,7 @@ def _check_pt2_archive(raw: bytes, path: Path, max_bytes: int, max_nodes: int) -
     (see the module docstring). Returns details for the report."""
     try:
         with zipfile.ZipFile(io.BytesIO(raw)) as zf:
+            _check_zip_layout(raw, zf, path)
             root, names = _zip_root_names(zf)
             total = sum(info.file_size for info in zf.infolist())
             if total > max_bytes:
@@ -144,7 +229,11 @@ def _check_pt2_archive(raw: bytes, path: Path, max_bytes: int, max_nodes: int) -
                 )
 
             def read(relative: str) -> bytes:
-                return zf.read(f"{root}/{relative}" if root else relative)
+                info = zf.getinfo(f"{root}/{relative}" if root else relative)
+                if relative.endswith(".json") and info.file_size > MAX_JSON_BYTES:
+                    raise ModelLoadError(f"{path}: {relative} is {info.file_size} bytes, over the limit of "
+                                         f"{MAX_JSON_BYTES} for a JSON member")
+                return zf.read(info)
 
             if "archive_format" not in names or read("archive_format") != b"pt2":
                 raise ModelLoadError(
@@ -174,12 +263,80 @@ def _check_pt2_archive(raw: bytes, path: Path, max_bytes: int, max_nodes: int) -
     except ModelLoadError:
         raise
     except (zipfile.BadZipFile, OSError, EOFError, KeyError, ValueError, AttributeError,
-            TypeError) as exc:
+            TypeError, RecursionError, NotImplementedError, RuntimeError, struct.error) as exc:
+        # RecursionError: deeply nested JSON; RuntimeError/NotImplementedError: zipfile on
+        # encryption or unknown compression (refused by the layout check first, kept as a net)
         raise ModelLoadError(f"{path} is a corrupt .pt2 archive: {_one_line(exc)}") from exc
 
     nodes = _check_pt2_program_json(program, path, max_nodes)
     return {"node_count": nodes, "torch_export_schema": program.get("schema_version"),
             "torch_version_saved": program.get("torch_version")}
+
+
+def _check_zip_layout(raw: bytes, zf: zipfile.ZipFile, path: Path) -> None:
+    """Refuse a zip that two readers could see differently, or whose sizes are not backed by
+    bytes in the file (see the module docstring)."""
+    infos = zf.infolist()
+    names = [info.filename for info in infos]
+    if len(set(names)) != len(names):
+        duplicate = next(n for n in names if names.count(n) > 1)
+        raise ModelLoadError(f"{path} holds the entry {duplicate[:80]!r} more than once; refused")
+    for name in names:
+        parts = name.split("/")
+        if (not name or name.startswith("/") or "\\" in name or ".." in parts or "\0" in name
+                or ":" in parts[0] or any(not c.isprintable() for c in name)):
+            raise ModelLoadError(f"{path} has an entry with an unsafe name {name[:80]!r}; refused")
+    end = raw.rfind(b"PK\x05\x06")
+    if end < 0 or len(raw) < end + 22:
+        raise ModelLoadError(f"{path} is a corrupt .pt2 archive: no end of central directory")
+    disk_entries, entries, directory_size, directory_offset, comment_length = struct.unpack(
+        "<HHIIH", raw[end + 8:end + 22])
+    zip64 = 0xFFFFFFFF in (directory_size, directory_offset) or 0xFFFF in (disk_entries, entries)
+    directory_end = end
+    if raw[end - 20:end - 16] == b"PK\x06\x07":  # torch writes zip64 records even for small files
+        record = struct.unpack("<Q", raw[end - 12:end - 4])[0]
+        if raw[record:record + 4] != b"PK\x06\x06" or record + 12 + struct.unpack(
+                "<Q", raw[record + 4:record + 12])[0] != end - 20:
+            raise ModelLoadError(f"{path} has a zip64 locator that points nowhere; refused")
+        directory_end = record
+        if zip64:  # the real values are in the zip64 record
+            disk_entries, entries, directory_size, directory_offset = struct.unpack(
+                "<QQQQ", raw[record + 24:record + 56])
+    elif zip64:
+        raise ModelLoadError(f"{path} has zip64 markers in its end record but no zip64 end record; refused")
+    consistent = (disk_entries == entries == len(infos) and directory_offset == zf.start_dir
+                  and directory_offset + directory_size == directory_end)
+    if end + 22 + comment_length != len(raw) or not consistent:
+        raise ModelLoadError(f"{path} has an end record that does not match its central directory "
+                             "(entry count, size or offset); refused")
+    spans = []
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+            raise ModelLoadError(f"{path}: entry {info.filename[:80]!r} is compressed or encrypted; "
+                                 "torch.export.save stores entries as they are, so this is refused")
+        if info.file_size != info.compress_size:
+            raise ModelLoadError(f"{path}: entry {info.filename[:80]!r} declares {info.file_size} bytes but "
+                                 f"stores {info.compress_size}; refused")
+        header = raw[info.header_offset:info.header_offset + 30]
+        if len(header) < 30 or header[:4] != b"PK\x03\x04":
+            raise ModelLoadError(f"{path}: entry {info.filename[:80]!r} has no local header where the "
+                                 "central directory says; refused")
+        name_length, extra_length = struct.unpack("<HH", header[26:30])
+        local_name = raw[info.header_offset + 30:info.header_offset + 30 + name_length]
+        if local_name != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437"):
+            raise ModelLoadError(f"{path}: entry {info.filename[:80]!r} has a different name in its local "
+                                 "header; refused")
+        start = info.header_offset + 30 + name_length + extra_length
+        if start + info.compress_size > zf.start_dir:
+            raise ModelLoadError(f"{path}: entry {info.filename[:80]!r} runs past the end of the entries; "
+                                 "refused")
+        spans.append((info.header_offset, start + info.compress_size))
+    spans.sort()
+    if spans and spans[0][0] != 0:
+        raise ModelLoadError(f"{path} has bytes before its first zip entry; refused")
+    for (_, end_a), (start_b, _) in zip(spans, spans[1:]):
+        if start_b < end_a:
+            raise ModelLoadError(f"{path} has overlapping zip entries; refused")
 
 
 def _pt2_payload_entries(
@@ -272,10 +429,13 @@ def _safe_sympy_expr(expr: Any) -> bool:
         tokens = list(tokenize.generate_tokens(io.StringIO(expr).readline))
     except (tokenize.TokenError, SyntaxError, IndentationError):
         return False
+    tokens = [t for t in tokens if t.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER)]
+    if not _bounded_powers(tokens):
+        return False
     for tok in tokens:
-        if tok.type in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER):
-            continue
         if tok.type == tokenize.NUMBER:
+            if len(tok.string) > _MAX_NUMBER_CHARS:
+                return False
             continue
         if tok.type == tokenize.NAME and (
             tok.string in _SYMPY_NAMES or _SYMBOL_NAME.fullmatch(tok.string)
@@ -286,6 +446,24 @@ def _safe_sympy_expr(expr: Any) -> bool:
         if tok.type == tokenize.STRING and _SYMBOL_STRING.fullmatch(tok.string):
             continue
         return False
+    return True
+
+
+def _bounded_powers(tokens: list[tokenize.TokenInfo]) -> bool:
+    """sympify evaluates powers of literals eagerly (`9**9**9**9` never returns): allow at most
+    `_MAX_POWERS` of them, each raising to a literal of at most `_MAX_EXPONENT` that is not itself
+    raised again. PowByNatural and FloatPow are not in the grammar for the same reason."""
+    powers = 0
+    for i, tok in enumerate(tokens):
+        if tok.type != tokenize.OP or tok.string != "**":
+            continue
+        powers += 1
+        exponent = tokens[i + 1] if i + 1 < len(tokens) else None
+        after = tokens[i + 2] if i + 2 < len(tokens) else None
+        if (powers > _MAX_POWERS or exponent is None or exponent.type != tokenize.NUMBER
+                or not exponent.string.isdigit() or int(exponent.string) > _MAX_EXPONENT
+                or (after is not None and after.string == "**")):
+            return False
     return True
 
 
