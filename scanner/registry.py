@@ -12,10 +12,11 @@ import json
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -115,6 +116,13 @@ def _is_connection_error(error: BaseException) -> bool:
                                          "ReadTimeout", "ConnectTimeout"))
 
 
+STORE_RACE_RETRIES = 4
+
+
+def _is_store_race(error: BaseException) -> bool:
+    return any(text in str(error) for text in ("UNIQUE constraint failed", "database is locked", "Deadlock found"))
+
+
 class Registry:
     """An MLflow tracking server + model registry (or a local `sqlite:///` store)."""
 
@@ -125,19 +133,32 @@ class Registry:
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=registry_uri or self.tracking_uri)
 
     def _call(self, what: str, function: Any, *args: Any, **kwargs: Any) -> Any:
-        """Call the MLflow client, sorting failures into unavailable (transient) or not found."""
+        """Call the MLflow client, sorting failures into unavailable (transient) or not found.
+
+        A write race inside the server's SQL store (two flows tagging one version at once gives
+        "UNIQUE constraint failed" from MLflow's select-then-insert) is retried here: every call
+        the gate makes is idempotent."""
         from mlflow.exceptions import MlflowException
 
-        try:
-            return function(*args, **kwargs)
-        except MlflowException as error:
-            if _is_connection_error(error):
-                raise RegistryUnavailable(f"MLflow at {self.tracking_uri} unreachable while {what}") from error
-            raise RegistryError(f"{what}: {_one_line(error)[:300]}") from None
-        except OSError as error:
-            if _is_connection_error(error) or isinstance(error, ConnectionError):
-                raise RegistryUnavailable(f"MLflow at {self.tracking_uri} unreachable while {what}") from error
-            raise
+        for attempt in range(STORE_RACE_RETRIES):
+            try:
+                return function(*args, **kwargs)
+            except MlflowException as error:
+                if _is_store_race(error) and attempt + 1 < STORE_RACE_RETRIES:
+                    time.sleep(0.2 * (attempt + 1))
+                    continue
+                self._raise(what, error)
+            except OSError as error:
+                if _is_connection_error(error) or isinstance(error, ConnectionError):
+                    raise RegistryUnavailable(f"MLflow at {self.tracking_uri} unreachable while {what}") from error
+                raise
+
+    def _raise(self, what: str, error: Exception) -> NoReturn:
+        if _is_connection_error(error):
+            raise RegistryUnavailable(f"MLflow at {self.tracking_uri} unreachable while {what}") from error
+        if _is_store_race(error):  # transient too: the caller's retry comes later
+            raise RegistryUnavailable(f"MLflow at {self.tracking_uri}: store write conflict while {what}") from error
+        raise RegistryError(f"{what}: {_one_line(error)[:300]}") from None
 
     # -- versions -------------------------------------------------------------------------
     def _info(self, version: Any) -> VersionInfo:
