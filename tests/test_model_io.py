@@ -249,13 +249,16 @@ def test_corrupt_zip_and_torchscript(
 # ---------------------------------------------------------------- pickle
 
 
-@pytest.mark.parametrize("container", ["raw_pickle", "torch_save_zip"])
+@pytest.mark.parametrize("container", ["raw_pickle", "torch_save_zip", "torch_save_named_pt2",
+                                       "torch_save_named_onnx"])
 def test_malicious_pickle_is_refused_without_unpickling(container: str, tmp_path: Path) -> None:
-    marker = tmp_path / "marker"
-    path = tmp_path / "model.bin"  # extension says nothing: detection is by content
-    if container == "raw_pickle":
-        import pickle
+    import pickle
 
+    marker = tmp_path / "marker"
+    # the extension says nothing: detection is by content
+    path = tmp_path / {"torch_save_named_pt2": "model.pt2", "torch_save_named_onnx": "model.onnx"}.get(
+        container, "model.bin")
+    if container == "raw_pickle":
         path.write_bytes(pickle.dumps(MarkerPayload(marker), protocol=2))
     else:
         torch.save(MarkerPayload(marker), path)
@@ -264,6 +267,29 @@ def test_malicious_pickle_is_refused_without_unpickling(container: str, tmp_path
         load_model(path)
     assert "refusing to unpickle" in str(exc.value)
     _assert_one_line(exc)
+    assert not marker.exists()
+    # control: the payload is live, so "no marker" above means the loader never unpickled it
+    if container == "raw_pickle":
+        pickle.loads(path.read_bytes())
+    else:
+        torch.load(path, weights_only=False)
+    assert marker.read_text() == "pwned"
+
+
+def test_malicious_pickle_through_the_cli_exits_2_and_never_runs(tmp_path: Path) -> None:
+    """The same refusal end to end: `trojanscan scan` on a pickle that would write a marker."""
+    import subprocess
+
+    marker = tmp_path / "marker"
+    path = tmp_path / "model.pt2"
+    torch.save(MarkerPayload(marker), path)
+    images = np.random.default_rng(0).random((50, *SHAPE), dtype=np.float32)
+    np.savez(tmp_path / "clean.npz", x=images, y=np.repeat(np.arange(10), 5).astype(np.int64))
+    done = subprocess.run([sys.executable, "-m", "scanner.cli", "scan", str(path), "--data", str(tmp_path / "clean.npz"),
+                           "--detectors", "ni"], capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == 1 and "refusing to unpickle" in lines[0] and "--allow-pickle" in lines[0]
     assert not marker.exists()
 
 
@@ -332,29 +358,65 @@ def _python_target(marker: Path) -> Callable[[str, bytes], bytes]:
 
 
 def _use_pickle_weight(marker: Path) -> Callable[[str, bytes], bytes]:
+    """The first weight stored as a pickle (flagged use_pickle), and that pickle is the payload."""
+    buffer = io.BytesIO()
+    torch.save(MarkerPayload(marker), buffer)
+
     def apply(name: str, data: bytes) -> bytes:
         if name.endswith("model_weights_config.json"):
             config = json.loads(data)
-            next(iter(config["config"].values()))["use_pickle"] = True
+            first = next(iter(config["config"].values()))
+            first["use_pickle"] = True  # weight_0: the payload below
             return json.dumps(config).encode()
+        if name.endswith("data/weights/weight_0"):
+            return buffer.getvalue()
         return data
 
     return apply
+
+
+def _duplicate_sample_inputs(marker: Path) -> Callable[[str, bytes], bytes]:
+    return lambda name, data: data  # the pickled first copy is inserted below
+
+
+def _with_duplicate_first(src: Path, dst: Path, entry: str, payload: bytes) -> Path:
+    """Copy the archive, putting a second `entry` holding `payload` right before the genuine one:
+    Python's zipfile reads the last copy of a name, torch's reader the first."""
+    import warnings
+
+    with zipfile.ZipFile(src) as zin, warnings.catch_warnings(), \
+            zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        warnings.simplefilter("ignore")  # "Duplicate name" is the point
+        for info in zin.infolist():
+            if info.filename.endswith(entry):
+                zout.writestr(info.filename, payload)
+            zout.writestr(info.filename, zin.read(info))
+    return dst
 
 
 def _aoti_entry(marker: Path) -> Callable[[str, bytes], bytes]:
     return lambda name, data: data  # the extra entry is added below
 
 
+# attacks whose payload writes the marker when torch.export.load reads the file unguarded
+_LIVE_PAYLOADS = {"_pickled_sample_inputs", "_sympy_injection", "_use_pickle_weight", "_duplicate_sample_inputs"}
+
+
 @pytest.mark.parametrize(
     "attack",
-    [_pickled_sample_inputs, _sympy_injection, _python_target, _use_pickle_weight, _aoti_entry],
+    [_pickled_sample_inputs, _sympy_injection, _python_target, _use_pickle_weight, _aoti_entry,
+     _duplicate_sample_inputs],
 )
 def test_crafted_pt2_is_refused_before_torch_sees_it(
     attack, files: dict[str, Path], tmp_path: Path
 ) -> None:
     marker = tmp_path / "marker"
-    path = _rewrite_zip(files["pt2"], tmp_path / "evil.pt2", attack(marker))
+    if attack is _duplicate_sample_inputs:
+        buffer = io.BytesIO()
+        torch.save(MarkerPayload(marker), buffer)
+        path = _with_duplicate_first(files["pt2"], tmp_path / "evil.pt2", "sample_inputs/model.pt", buffer.getvalue())
+    else:
+        path = _rewrite_zip(files["pt2"], tmp_path / "evil.pt2", attack(marker))
     if attack is _aoti_entry:
         with zipfile.ZipFile(path, "a") as zf:
             zf.writestr("m/data/aotinductor/model/model.so", b"\x7fELF")
@@ -362,6 +424,17 @@ def test_crafted_pt2_is_refused_before_torch_sees_it(
         load_model(path)
     _assert_one_line(exc)
     assert not marker.exists()
+    if attack.__name__ in _LIVE_PAYLOADS:
+        # control: torch.export.load on its own runs the payload, so the guard is what stopped it
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                torch.export.load(path)
+            except Exception:  # noqa: BLE001  (the payload runs before torch gives up on the file)
+                pass
+        assert marker.exists(), f"{attack.__name__}: the payload is not live, so the test proves nothing"
 
 
 def test_malformed_pt2_config_is_a_one_line_load_error(
@@ -392,7 +465,80 @@ def test_rewritten_but_untouched_pt2_still_loads(files: dict[str, Path], tmp_pat
         ("Symbol('os', positive=True)", False),
         ("(lambda: 1)()", False),
         ("s0[0]", False),
+        ("s0**2 + 1", True),
+        ("9**9**9**9", False),  # sympify computes it: never returns
+        ("2**99999", False),
+        ("PowByNatural(s0, 10**18)", False),
     ],
 )
 def test_sympy_grammar(expr: str, safe: bool) -> None:
     assert _safe_sympy_expr(expr) is safe
+
+
+# ---------------------------------------------------------------- limits found by fuzzing (tests/test_fuzz_models.py)
+
+
+def test_compressed_pt2_is_refused(files: dict[str, Path], tmp_path: Path) -> None:
+    """torch.export.save stores members as they are: a deflated member could be a zip bomb."""
+    path = tmp_path / "deflated.pt2"
+    with zipfile.ZipFile(files["pt2"]) as zin, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info))
+    with pytest.raises(ModelLoadError, match="compressed") as exc:
+        load_model(path)
+    _assert_one_line(exc)
+
+
+def test_onnx_external_data_is_checked_before_it_is_read(files: dict[str, Path], tmp_path: Path) -> None:
+    """A sparse 1 TiB external data file is refused from its size alone (the digest used to read it
+    whole), and a range outside the file is refused before onnx seeks to it."""
+    import onnx
+
+    model = onnx.load(files["onnx"])
+    tensor = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "weights.bin"), ("offset", "0"), ("length", str(2**40))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, tmp_path / "m.onnx")
+    with open(tmp_path / "weights.bin", "wb") as handle:
+        handle.truncate(2**40)
+    with pytest.raises(ModelLoadError, match="over the limit") as exc:
+        load_model(tmp_path / "m.onnx")
+    _assert_one_line(exc)
+    (tmp_path / "weights.bin").unlink()
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 64)
+    with pytest.raises(ModelLoadError, match="outside") as exc:
+        load_model(tmp_path / "m.onnx")
+    _assert_one_line(exc)
+
+
+def test_huge_computed_tensor_is_refused_before_allocation(files: dict[str, Path], tmp_path: Path) -> None:
+    """A ConstantOfShape of 2**40 floats added to the logits: refused from shape inference."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(files["onnx"])
+    graph = model.graph
+    graph.initializer.append(helper.make_tensor("huge_shape", TensorProto.INT64, [2], [2**20, 2**20]))
+    out = graph.output[0].name
+    graph.node[-1].output[0] = "pre"
+    graph.node.extend([helper.make_node("ConstantOfShape", ["huge_shape"], ["huge"]),
+                       helper.make_node("ReduceSum", ["huge"], ["total"], keepdims=0),
+                       helper.make_node("Add", ["pre", "total"], [out])])
+    onnx.save(model, tmp_path / "huge.onnx")
+    with pytest.raises(ModelLoadError, match="over the limit") as exc:
+        load_model(tmp_path / "huge.onnx")
+    _assert_one_line(exc)
+
+
+def test_pt2_whose_recorded_shapes_lie_is_refused(files: dict[str, Path], tmp_path: Path) -> None:
+    def edit(program: dict) -> None:
+        values = program["graph_module"]["graph"]["tensor_values"]
+        values["conv2d"]["sizes"][1] = {"as_int": 17}  # the convolution really makes 16 channels
+
+    path = _rewrite_zip(files["pt2"], tmp_path / "lying.pt2", _edit_program_json(edit))
+    with pytest.raises(ModelLoadError, match="records") as exc:
+        load_model(path)
+    _assert_one_line(exc)
