@@ -17,35 +17,39 @@ from scanner.policy import Policy
 from scanner.registry import RegistryUnavailable
 
 
-def _is_request(event: str, alias: str | None, policy: Policy, name: str) -> bool | None:
-    """Does this event request a scan? None: the model is not covered by the policy."""
+def _action(event: str, alias: str | None, policy: Policy, name: str) -> str:
+    """What an event asks for: `scan`, `guard` (someone set the target alias: undo it if the
+    version is not clean), `ignore` (an alias or a new version the policy does not act on), or
+    `skip` (the model is not covered by the policy)."""
     if not policy.covers(name):
-        return None
-    request = policy.for_model(name).request
+        return "skip"
+    model_policy = policy.for_model(name)
     if event.endswith("model_version_alias.created"):
-        return alias == request.alias
+        if alias == model_policy.request.alias:
+            return "scan"
+        return "guard" if alias == model_policy.target.alias else "ignore"
     if event.endswith("model_version.created"):
-        return request.on_register
-    return True  # manual, watcher, patched: the caller asks for a scan
+        return "scan" if model_policy.request.on_register else "ignore"
+    return "scan"  # manual, watcher, patched: the caller asks for a scan
 
 
 @flow(name="scan-model-version", flow_run_name="scan {name} v{version}")
 def scan_model_version(name: str, version: str, event: str = "manual", alias: str | None = None) -> Any:
     """Scan `name` version `version` and promote it if clean and still requested.
 
-    `event` and `alias` come from the triggering registry event; an alias event for any alias
-    other than the request alias (e.g. someone setting the target alias) runs the guard."""
+    `event` and `alias` come from the triggering registry event; an event for the target alias
+    (someone set it by hand) runs the guard instead."""
     logger = get_run_logger()
     config = FlowConfig()
     registry, policy = config.registry(), config.load_policy()
-    requested = _is_request(event, alias, policy, name)
-    if requested is None:
-        logger.info("%s is not covered by the policy: ignored", name)
-        return {"name": name, "version": version, "status": "skipped"}
-    if not requested:
+    action = _action(event, alias, policy, name)
+    if action in ("skip", "ignore"):
+        logger.info("%s v%s: %s %s", name, version, event, "(model not in the policy)" if action == "skip" else "needs nothing")
+        return {"name": name, "version": version, "status": "skipped" if action == "skip" else "ignored"}
+    if action == "guard":
         actions = guard(registry, policy, name)
-        for action in actions:
-            logger.warning("guard: %s", action)
+        for action_taken in actions:
+            logger.warning("guard: %s", action_taken)
         return {"name": name, "version": version, "status": "guard", "actions": actions}
     reporter = PrefectReporter("scan", name, f"v{version}")
     claim_id = str(flow_run.id or "") or None

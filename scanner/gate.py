@@ -409,17 +409,35 @@ def _record_error(registry: Registry, outcome: GateOutcome, reason: str) -> None
 
 
 class _Budget:
-    """Time and memory limits of one scan (the policy's); exceeding one ends the scan as error."""
+    """Time and memory limits of one scan (the policy's); exceeding one ends the scan as error.
+
+    Memory is the process's peak resident size during this scan: on Linux the peak is reset at
+    the start (`/proc/self/clear_refs`), so an earlier, larger scan in the same long-lived
+    process (the demo, a watcher running scans inline) does not count against this one.
+    Elsewhere the peak since the process started is used, which can only err towards `error`."""
 
     def __init__(self, seconds: float, memory_mb: float | None) -> None:
         self.deadline = time.monotonic() + seconds
         self.seconds = seconds
         self.memory_mb = memory_mb
+        if memory_mb is not None:
+            with contextlib.suppress(OSError):
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current size
+
+    @staticmethod
+    def peak_mb() -> float:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def check(self) -> None:
         if time.monotonic() > self.deadline:
             raise TrojanScanError(f"scan budget exceeded: more than {self.seconds:g} s")
         if self.memory_mb is not None:
-            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            peak_mb = self.peak_mb()
             if peak_mb > self.memory_mb:
                 raise TrojanScanError(f"scan budget exceeded: peak memory {peak_mb:.0f} MB > {self.memory_mb:g} MB")
