@@ -15,10 +15,11 @@ from torch import nn
 
 
 CHECK_BATCH = 8  # images used to cross-check a loaded model (onnxruntime vs torch, finite logits)
-# Largest tensor the load checks let a model compute on the check batch (1 GiB of float32, 128 MiB
-# per image): shapes are worked out before anything is allocated, so a file of a few bytes cannot
-# make the scanner allocate without bound (a huge ConstantOfShape, padding or declared dims).
-MAX_TENSOR_ELEMENTS = 2**28
+# Largest tensor the load checks let a model compute on the check batch (512 MiB of float32, 64 MiB
+# per image: a 64x512x512 activation still fits): shapes are worked out before anything is
+# allocated, so a file of a few bytes cannot make the scanner allocate without bound (a huge
+# ConstantOfShape, padding or declared dims). At 2**28 a 1 MB file made a worker peak at 2.5 GB.
+MAX_TENSOR_ELEMENTS = 2**27
 
 
 @dataclass
