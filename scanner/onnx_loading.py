@@ -4,6 +4,12 @@ An ONNX file is a protobuf `onnx` parses and `onnx.checker` accepts. It is conve
 onnx2torch so detectors get input gradients; onnxruntime runs the original file on a check batch
 and the two must agree (`_compare_reference`), so a conversion bug can never silently change what
 is scanned.
+
+Untrusted input (tests/test_fuzz_models.py mutates files by the thousand): before anything is
+converted, strict shape inference must agree with every declared shape and no tensor may exceed
+`MAX_TENSOR_ELEMENTS` on the check batch (`_check_onnx_shapes`); external data must be a plain file
+beside the model, with each tensor's range inside it and the total within the size limit, all
+checked before anything reads it.
 """
 
 from __future__ import annotations
