@@ -123,7 +123,7 @@ class Killer(threading.Thread):
 
 
 def drive_events(registry: Registry, sources: dict[str, list[tuple[str, str, str]]], count: int,
-                 rng: random.Random) -> tuple[Counter[str], dict[str, set[str]], dict[str, set[str]]]:
+                 rng: random.Random, pace: float) -> tuple[Counter[str], dict[str, set[str]], dict[str, set[str]]]:
     """Random registry events; returns counts per kind, the versions requested and all versions."""
     client = registry.client
     kinds: Counter[str] = Counter()
@@ -175,7 +175,7 @@ def drive_events(registry: Registry, sources: dict[str, list[tuple[str, str, str
             if name == "faults-alias" and again:
                 registry.call(client.set_registered_model_alias, name, "candidate", rng.choice(again))
                 kinds["request alias set again"] += 1
-        time.sleep(rng.uniform(0.2, 1.2))
+        time.sleep(rng.uniform(0.5 * pace, 1.5 * pace))
     return kinds, requested, {name: set(found) for name, found in versions.items()}
 
 
@@ -201,6 +201,8 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=500)
     parser.add_argument("--versions", type=int, default=22, help="new versions available per registered model")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pace", type=float, default=2.5,
+                        help="mean seconds between events (each alias event starts a flow run: a process)")
     parser.add_argument("--kill-every", type=float, nargs=2, default=(20, 50), metavar=("MIN", "MAX"))
     parser.add_argument("--down-for", type=float, nargs=2, default=(1, 10), metavar=("MIN", "MAX"))
     parser.add_argument("--settle", type=float, default=1800, help="seconds to wait for the stack to settle")
@@ -256,7 +258,7 @@ def main() -> int:
         print(f"driving {args.events} events with kills ...", flush=True)
         events_started = time.monotonic()
         killer.start()
-        kinds, requested, versions = drive_events(bench, sources, args.events, rng)
+        kinds, requested, versions = drive_events(bench, sources, args.events, rng, args.pace)
         events_seconds = time.monotonic() - events_started
         killer.stop_event.set()
         killer.join()
@@ -280,7 +282,7 @@ def main() -> int:
             service.stop()
     figures.update({
         "events": sum(kinds.values()), "event_kinds": dict(kinds), "kills": sum(killer.kills.values()),
-        "kills_by_service": dict(killer.kills), "kill_log": killer.log, "seed": args.seed,
+        "kills_by_service": dict(killer.kills), "kill_log": killer.log, "seed": args.seed, "pace_seconds": args.pace,
         "registry_call_retries": bench.failures, "events_seconds": round(events_seconds, 1),
         "settle_seconds": round(settle_seconds, 1), "total_seconds": round(time.monotonic() - started, 1),
         "stack_dir": str(root),
