@@ -1,6 +1,6 @@
 """Registry event to verdict, minus the detectors' own time, for versions registered at once.
 
-    python benchmarks/registry_latency.py [--versions 20]
+    python benchmarks/registry_latency.py [--versions 20] [--one-at-a-time 3]
 
 Starts the real stack on loopback (MLflow server, Prefect server, receiver, flow worker; the
 same launcher the end-to-end tests use), registers N versions of one model at the same moment
@@ -8,18 +8,28 @@ with the policy requesting a scan on registration (`model_version.created` webho
 for every verdict. Per version: overhead = (time of the verdict tag - version creation time)
 - the detectors' seconds recorded in the scan run. The policy runs NeuronInspect only: the
 detectors' time is subtracted anyway, and a short scan keeps the flows overlapping.
-Writes benchmarks/results/registry_latency.{json,md}.
+
+Two phases in one run, side by side: first `--one-at-a-time` versions, each registered after
+the previous one's verdict (the overhead of one request on an idle stack), then `--versions`
+registered at once (the target's case). Each version's time is split with the Prefect flow
+run's state history: trigger (version created -> flow run created: webhook, receiver, Prefect
+event and automation), queue (-> Pending: waiting for a worker slot, TROJANSCAN_WORKER_LIMIT),
+start-up (Pending -> Running: the run's process starts and imports the flow), in-run other
+(Running -> verdict, minus the detectors: download, sha256, loading and verifying the model,
+report, MLflow logging, tags). Writes benchmarks/results/registry_latency.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,24 +50,73 @@ models:
 """
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--versions", type=int, default=20)
-    parser.add_argument("--timeout", type=float, default=1800)
-    args = parser.parse_args()
+def _wait_for_verdicts(registry: Any, versions: list[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = [registry.get_version("latency", v).tags.get("trojanscan.status") for v in versions]
+        if all(s in ("clean", "infected", "error") for s in states):
+            return
+        time.sleep(1)
 
-    from scanner.zoo import build_zoo
 
-    root = Path(tempfile.mkdtemp(prefix="trojanscan-latency-"))
-    zoo_dir = root / "zoo"
-    manifest = build_zoo("fashion-mnist", "smoke", zoo_dir)
+def _state_times(prefect_client: Any, version: str) -> dict[str, float]:
+    """Timestamps (epoch s) of the version's first scan flow run: created, Pending, Running."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    runs = prefect_client.read_flow_runs(flow_run_filter=FlowRunFilter(
+        name=FlowRunFilterName(any_=[f"scan latency v{version}"])))
+    if not runs:
+        return {}
+    run = min(runs, key=lambda r: r.created)
+    times = {"created": run.created.timestamp()}
+    for state in sorted(prefect_client.read_flow_run_states(run.id), key=lambda s: s.timestamp):
+        times.setdefault(state.type.value.lower(), state.timestamp.timestamp())
+    return times
+
+
+def _measure(registry: Any, client: Any, prefect_client: Any, mode: str, version: str) -> dict[str, Any]:
+    info = registry.get_version("latency", version)
+    status = info.tags.get("trojanscan.status")
+    row: dict[str, Any] = {"mode": mode, "version": version, "status": status}
+    if status not in ("clean", "infected"):
+        return row
+    created = info.created_ms / 1000
+    verdict_at = datetime.fromisoformat(info.tags["trojanscan.scanned_at"]).timestamp()
+    run = client.get_run(info.tags["trojanscan.scan_run_id"])
+    detectors = sum(v for k, v in run.data.metrics.items() if k.endswith(".seconds"))
+    row.update(total=verdict_at - created, detectors=detectors, overhead=verdict_at - created - detectors)
+    times = _state_times(prefect_client, version)
+    if {"created", "pending", "running"} <= times.keys():
+        row.update(trigger=times["created"] - created, queue=times["pending"] - times["created"],
+                   startup=times["running"] - times["pending"], in_run_other=verdict_at - times["running"] - detectors)
+    return row
+
+
+def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    decided = [r for r in rows if "overhead" in r]
+    overheads = [r["overhead"] for r in decided]
+    summary: dict[str, Any] = {"versions": len(rows), "decided": len(decided), "overhead_seconds": {
+        "p50": float(np.percentile(overheads, 50)) if overheads else None,
+        "p95": float(np.percentile(overheads, 95)) if overheads else None,
+        "max": float(max(overheads)) if overheads else None}}
+    parts = ("trigger", "queue", "startup", "in_run_other", "detectors")
+    summary["median_seconds"] = {part: float(np.median([r[part] for r in decided if part in r]))
+                                 for part in parts if any(part in r for r in decided)}
+    return summary
+
+
+def _run(poll: float, args: argparse.Namespace, zoo_dir: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """One fresh stack whose worker polls every `poll` s; both phases; one row per version."""
+    root = Path(tempfile.mkdtemp(prefix=f"trojanscan-latency-poll{poll:g}-"))
     env = stack.base_env(root)
     ports = {name: stack.free_port() for name in ("mlflow", "prefect", "receiver")}
     tracking_uri = f"http://127.0.0.1:{ports['mlflow']}"
+    api_url = f"http://127.0.0.1:{ports['prefect']}/api"
     (root / "policy.yaml").write_text(POLICY)
-    env.update({"MLFLOW_TRACKING_URI": tracking_uri, "PREFECT_API_URL": f"http://127.0.0.1:{ports['prefect']}/api",
+    env.update({"MLFLOW_TRACKING_URI": tracking_uri, "PREFECT_API_URL": api_url,
                 "TROJANSCAN_POLICY": str(root / "policy.yaml"), "TROJANSCAN_WORKDIR": str(root / "work"),
-                "TROJANSCAN_WEBHOOK_SECRET": SECRET, "TROJANSCAN_WATCH_INTERVAL": "3600"})
+                "TROJANSCAN_WEBHOOK_SECRET": SECRET, "TROJANSCAN_WATCH_INTERVAL": "3600",
+                "TROJANSCAN_WORKER_POLL": f"{poll:g}"})
     services = [stack.mlflow_server(root, ports["mlflow"], env), stack.prefect_server(root, ports["prefect"], env),
                 stack.receiver(root, ports["receiver"], env), stack.worker(root, env)]
     try:
@@ -66,6 +125,8 @@ def main() -> int:
         import mlflow
         import onnx
         from mlflow import MlflowClient
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
 
         from scanner.registry import Registry
 
@@ -73,9 +134,9 @@ def main() -> int:
         client.create_webhook(name="trojanscan", url=f"http://127.0.0.1:{ports['receiver']}/webhooks/mlflow",
                               secret=SECRET, events=["model_version.created", "model_version_alias.created"])
         mlflow.set_tracking_uri(tracking_uri)
-        # log the model files first (not timed), then create all versions at once
+        # log the model files first (not timed), then create the versions
         sources = []
-        for index in range(args.versions):
+        for index in range(args.one_at_a_time + args.versions):
             entry = manifest["models"][index % len(manifest["models"])]
             with mlflow.start_run() as run:
                 mlflow.log_artifact(str(zoo_dir / "clean_samples.npz"))
@@ -85,47 +146,75 @@ def main() -> int:
             sources.append((run.info.run_id, logged.model_uri, logged.model_id))
         client.create_registered_model("latency")
         time.sleep(20)  # let the worker settle after its start
-        with ThreadPoolExecutor(8) as pool:
-            created = list(pool.map(lambda source: client.create_model_version("latency", source[1], run_id=source[0],
-                                                                               model_id=source[2]), sources))
-        versions = [str(v.version) for v in created]
+
+        def register(source: tuple[str, str, str]) -> str:
+            return str(client.create_model_version("latency", source[1], run_id=source[0], model_id=source[2]).version)
+
         registry = Registry(tracking_uri)
-        deadline = time.monotonic() + args.timeout
-        while time.monotonic() < deadline:
-            states = {v: registry.get_version("latency", v).tags.get("trojanscan.status") for v in versions}
-            if all(s in ("clean", "infected", "error") for s in states.values()):
-                break
-            time.sleep(2)
-        rows, overheads = [], []
-        for version in versions:
-            info = registry.get_version("latency", version)
-            status = info.tags.get("trojanscan.status")
-            verdict_at = datetime.fromisoformat(info.tags["trojanscan.scanned_at"]).timestamp() if status else None
-            run = client.get_run(info.tags["trojanscan.scan_run_id"]) if "trojanscan.scan_run_id" in info.tags else None
-            detector_seconds = sum(v for k, v in run.data.metrics.items() if k.endswith(".seconds")) if run else 0.0
-            total = verdict_at - info.created_ms / 1000 if verdict_at else None
-            overhead = total - detector_seconds if total is not None else None
-            if overhead is not None and status in ("clean", "infected"):
-                overheads.append(overhead)
-            rows.append([version, status, f"{total:.1f}" if total else "-", f"{detector_seconds:.1f}",
-                         f"{overhead:.1f}" if overhead is not None else "-"])
+        phases: list[tuple[str, list[str]]] = [("one at a time", [])]
+        for source in sources[:args.one_at_a_time]:
+            phases[0][1].append(register(source))
+            _wait_for_verdicts(registry, phases[0][1][-1:], args.timeout)
+        with ThreadPoolExecutor(8) as pool:
+            phases.append(("at once", list(pool.map(register, sources[args.one_at_a_time:]))))
+        _wait_for_verdicts(registry, phases[1][1], args.timeout)
+        with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as prefect_client:
+            return [_measure(registry, client, prefect_client, mode, version) | {"poll": poll}
+                    for mode, versions in phases for version in versions]
     finally:
         for service in reversed(services):
             service.stop()
-    decided = len(overheads)
-    figures = {"versions": args.versions, "decided": decided,
-               "overhead_seconds": {"p50": float(np.percentile(overheads, 50)) if overheads else None,
-                                    "p95": float(np.percentile(overheads, 95)) if overheads else None,
-                                    "max": float(max(overheads)) if overheads else None},
-               "target_seconds": 15}
-    table = markdown_table(["version", "status", "event to verdict s", "detectors s", "overhead s"], rows)
-    o = figures["overhead_seconds"]
-    table += (f"\n\n{decided}/{args.versions} versions decided. Overhead p50 {o['p50']:.1f} s, p95 {o['p95']:.1f} s, "
-              f"max {o['max']:.1f} s (target < 15 s each)." if overheads else "\n\nno version was decided")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--versions", type=int, default=20, help="versions registered at once")
+    parser.add_argument("--one-at-a-time", type=int, default=3, help="versions registered one after another first")
+    parser.add_argument("--poll", type=float, default=2.0, help="the worker's poll interval (TROJANSCAN_WORKER_POLL)")
+    parser.add_argument("--compare-poll", type=float, default=None,
+                        help="first run the same on a stack polling this often (Prefect's default: 10)")
+    parser.add_argument("--timeout", type=float, default=1800)
+    args = parser.parse_args()
+
+    from scanner.zoo import build_zoo
+
+    zoo_dir = Path(tempfile.mkdtemp(prefix="trojanscan-latency-zoo-"))
+    manifest = build_zoo("fashion-mnist", "smoke", zoo_dir)
+    baseline = _run(args.compare_poll, args, zoo_dir, manifest) if args.compare_poll else []
+    rows = _run(args.poll, args, zoo_dir, manifest)
+    at_once = _summary([r for r in rows if r["mode"] == "at once"])
+    alone = _summary([r for r in rows if r["mode"] == "one at a time"])
+    figures = {**at_once, "target_seconds": 15, "worker_limit": int(os.environ.get("TROJANSCAN_WORKER_LIMIT", "4")),
+               "worker_poll_seconds": args.poll, "one_at_a_time": alone}
+    if baseline:
+        figures["compare_poll"] = {"worker_poll_seconds": args.compare_poll,
+                                   "at_once": _summary([r for r in baseline if r["mode"] == "at once"]),
+                                   "one_at_a_time": _summary([r for r in baseline if r["mode"] == "one at a time"])}
+
+    def cell(row: dict[str, Any], key: str) -> str:
+        return f"{row[key]:.1f}" if key in row else "-"
+
+    keys = ("total", "trigger", "queue", "startup", "in_run_other", "detectors", "overhead")
+    table = markdown_table(["poll s", "mode", "version", "status", "event to verdict s", "trigger s", "queue s",
+                            "start-up s", "in-run other s", "detectors s", "overhead s"],
+                           [[f"{r['poll']:g}", r["mode"], r["version"], r["status"], *(cell(r, k) for k in keys)]
+                            for r in baseline + rows])
+    summaries = [(args.compare_poll, figures["compare_poll"]["one_at_a_time"], figures["compare_poll"]["at_once"])
+                 ] if baseline else []
+    summaries.append((args.poll, alone, at_once))
+    for poll, *both in summaries:
+        for label, summary in zip(("one at a time", "at once"), both):
+            o, m = summary["overhead_seconds"], summary["median_seconds"]
+            if o["p50"] is None:
+                table += f"\n\npoll {poll:g} s, {label}: no version was decided"
+                continue
+            table += (f"\n\npoll {poll:g} s, {label}: {summary['decided']}/{summary['versions']} decided; overhead p50 "
+                      f"{o['p50']:.1f} s, p95 {o['p95']:.1f} s, max {o['max']:.1f} s (target < 15 s each); medians: "
+                      + ", ".join(f"{k} {v:.1f} s" for k, v in m.items()))
     path = write_results("registry_latency", figures, table)
     print(table)
     print(f"written: {path}")
-    return 0 if decided == args.versions else 1
+    return 0 if at_once["decided"] == args.versions and alone["decided"] == args.one_at_a_time else 1
 
 
 if __name__ == "__main__":
