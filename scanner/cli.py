@@ -238,6 +238,9 @@ def scan(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="trust and unpickle a pickled model (runs its code)"),
     mean: str = typer.Option(None, help="per-channel mean the model expects, e.g. 0.485,0.456,0.406"),
     std: str = typer.Option(None, help="per-channel std the model expects"),
+    min_images_per_class: int = typer.Option(5, help="clean images every class needs"),
+    min_clean_accuracy: float = typer.Option(None, help="accuracy the model must reach on the clean data "
+                                             "[default: max(2 x chance, 0.5)]; lower data is probably another model's"),
 ) -> None:
     """Scan one model for trojan backdoors. Exit 0 clean, 1 infected, 2 error, 3 unsupported, 4 usage."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -263,7 +266,8 @@ def scan(
     if (means is None) != (stds is None):
         usage("--mean and --std go together")
     try:
-        settings = ScanSettings(detectors=names, mode=mode, device=device, seed=seed, threshold=threshold)
+        settings = ScanSettings(detectors=names, mode=mode, device=device, seed=seed, threshold=threshold,
+                                min_images_per_class=min_images_per_class, min_clean_accuracy=min_clean_accuracy)
     except ValueError as error:
         usage(str(error).splitlines()[0])
     out_dir = out or (json_path.parent if json_path else None)

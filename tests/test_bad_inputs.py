@@ -130,6 +130,22 @@ def test_cli_bad_data_exits_2_with_one_line(case: str, fm_smoke_zoo: tuple[Path,
     assert result["verdict"] == "error" and BAD_DATA[case][1] in result["reasons"][0]
 
 
+def test_cli_floors_are_settings(fm_smoke_zoo: tuple[Path, dict[str, Any]], bad_files: dict[str, Path],
+                                 tmp_path: Path) -> None:
+    """Lowered on the command line, the floors let the same data through (and are recorded)."""
+    import json
+
+    for case, option in (("too few per class", "--min-images-per-class=3"),
+                         ("another model's data", "--min-clean-accuracy=0")):
+        done = subprocess.run([sys.executable, "-m", "scanner.cli", "scan", str(_model(fm_smoke_zoo)), "--data",
+                               str(bad_files[case]), "--detectors", "ni", option, "--json", str(tmp_path / "r.json")],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode in (0, 1), (case, done.stderr)
+        settings = json.loads((tmp_path / "r.json").read_text())["settings"]
+        key, value = option.lstrip("-").replace("-", "_").split("=")
+        assert settings[key] == float(value), settings
+
+
 # -- through the gate -----------------------------------------------------------------------------
 POLICY = """\
 defaults:
