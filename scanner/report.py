@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,17 @@ from scanner.errors import TrojanScanError
 from scanner.images import to_png_bytes
 from scanner.metrics import correctness, mask_f1
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+def _templates_dir() -> Path:
+    """The source tree's `templates/` (checkout, editable install), else where a wheel put them:
+    `share/trojanscan/templates` beside the packages (`pip install --target`) or under the
+    environment's prefix (a normal install)."""
+    root = Path(__file__).resolve().parent.parent
+    candidates = [root / "templates", root / "share" / "trojanscan" / "templates",
+                  Path(sys.prefix) / "share" / "trojanscan" / "templates"]
+    return next((c for c in candidates if (c / "report.html.j2").is_file()), candidates[0])
+
+
+TEMPLATES_DIR = _templates_dir()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Artifact pictures, in the order they are shown, with their captions.
 PICTURE_KINDS = {

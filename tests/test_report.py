@@ -4,6 +4,7 @@ headless Chromium (Debian's `chromium`, driven by Playwright)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -250,3 +251,26 @@ def test_injected_markup_does_not_run_even_without_the_page_csp(browser, reports
     assert seen["page_errors"] == []
     assert not any(url.startswith(("http:", "https:")) for url in seen["requests"])
     page.close()
+
+
+def test_a_wheel_install_finds_its_templates(tmp_path):
+    """templates/ sits outside the packages (fixed layout): the wheel carries it as data files,
+    and a report renders from an install that has no source tree beside it."""
+    root = Path(__file__).resolve().parent.parent
+    pip = [sys.executable, "-m", "pip"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(root)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("trojanscan-*.whl")
+    target = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    script = ("import scanner.report as r; from scanner.scan import ScanSettings, error_result; "
+              "print(r.__file__); print(r.TEMPLATES_DIR); "
+              "print(len(r.render_report(error_result('boom', 'm.onnx', None, ScanSettings()).to_json(), '.')))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)})
+    assert done.returncode == 0, done.stderr
+    module_file, templates, length = done.stdout.split()
+    assert Path(module_file).is_relative_to(target)  # the installed copy, not the checkout
+    assert Path(templates) == target / "share" / "trojanscan" / "templates"
+    assert int(length) > 1000
