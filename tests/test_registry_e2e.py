@@ -241,10 +241,11 @@ def test_missing_clean_data_and_unloadable_model_end_as_error(live: Stack, tmp_p
 
 
 class KillMlflowOnScan:
-    """A reporter that kills the MLflow server when the detectors start and restarts it 3 s later."""
+    """A reporter that kills the MLflow server when the detectors start and restarts it
+    `down_for` seconds later."""
 
-    def __init__(self, live: Stack) -> None:
-        self.live, self.killed = live, False
+    def __init__(self, live: Stack, down_for: float) -> None:
+        self.live, self.killed, self.down_for = live, False, down_for
 
     def progress(self, fraction: float, text: str) -> None:
         import threading
@@ -252,7 +253,7 @@ class KillMlflowOnScan:
         if text == "scanning" and not self.killed:
             self.killed = True
             self.live.mlflow.stop()
-            threading.Timer(3.0, self.live.mlflow.start).start()
+            threading.Timer(self.down_for, self.live.mlflow.start).start()
 
     def scanned(self, *args: Any) -> None:
         pass
@@ -262,9 +263,9 @@ class KillMlflowOnScan:
 
 
 def test_mlflow_server_going_away_mid_scan(live: Stack) -> None:
-    """The gate runs in this process; the MLflow server is killed when the scan starts and
-    restarted 3 s later. With no retries left the version ends `error`, never promoted; with
-    the default retries the outage is transient: one scan run, the verdict, the promotion."""
+    """The gate runs in this process; the MLflow server is killed when the scan starts. Down for
+    20 s with no retries left, the version ends `error`, never promoted; down for 3 s with the
+    default retries, the outage is transient: one scan run, the verdict, the promotion."""
     from scanner.gate import scan_version
     from scanner.policy import load_policy
 
@@ -273,7 +274,8 @@ def test_mlflow_server_going_away_mid_scan(live: Stack) -> None:
     policy = load_policy(live.root / "vanish-policy.yaml")
     version = live.register("e2e-vanish", "fm-clean-s0")  # not in the worker's policy: only this test scans it
     registry.set_alias("e2e-vanish", "candidate", version)
-    reporter = KillMlflowOnScan(live)
+    # down longer than the MLflow client's own HTTP retries (2, backoff ~6 s): the scan's next call fails
+    reporter = KillMlflowOnScan(live, down_for=20.0)
     outcome = scan_version(registry, policy, "e2e-vanish", version, live.root / "work-vanish", reporter=reporter,
                            retries=0)
     assert reporter.killed
@@ -285,7 +287,7 @@ def test_mlflow_server_going_away_mid_scan(live: Stack) -> None:
 
     retried = live.register("e2e-vanish", "fm-clean-s0")
     registry.set_alias("e2e-vanish", "candidate", retried)
-    reporter = KillMlflowOnScan(live)
+    reporter = KillMlflowOnScan(live, down_for=3.0)
     outcome = scan_version(registry, policy, "e2e-vanish", retried, live.root / "work-vanish", reporter=reporter)
     assert reporter.killed
     assert (outcome.status, outcome.promoted) == ("clean", True), outcome.reasons
