@@ -49,6 +49,8 @@ def versions() -> dict[str, str | None]:
 
 
 def git_commit() -> str | None:
+    if os.environ.get("TROJANSCAN_GIT_COMMIT"):  # a copy of the tree without .git (the GPU machine)
+        return os.environ["TROJANSCAN_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).parent).stdout.strip()

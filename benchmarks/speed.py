@@ -10,6 +10,11 @@ forward+backward images/s across batch sizes), tabor_over_cascade (full TABOR se
 `--mode fast` cascade's seconds, NeuronInspect included, measured back to back on the same model).
 Writes benchmarks/results/speed.json and .md.
 
+    python benchmarks/speed.py --device cuda [--results-dir DIR]
+
+runs the same measurements on a GPU and writes speed_cuda.json/.md instead (peak GPU memory per
+detector beside peak RSS); the issue's GPU target is sequential_over_batched >= 3.
+
     python benchmarks/speed.py --cascade-only --threads 1 [--catches fm-square3-br,fm-clean-cnn-s1,...]
 
 measures only full TABOR and the cascade (plus NeuronInspect) and merges tabor_over_cascade into
@@ -33,11 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.results_file import RESULTS_DIR, markdown_table, write_results  # noqa: E402
 
 
-def measure(model_path: str, data_path: str, detector: str, settings: dict, threads: int, queue) -> None:
+def measure(model_path: str, data_path: str, detector: str, settings: dict, threads: int, device_name: str,
+            queue) -> None:
     """Child process: load, scan with one detector, report seconds, peak RSS and counters."""
     import torch
 
     torch.set_num_threads(threads)
+    device = torch.device(device_name)
     from scanner.data import CleanData
     from scanner.detectors import DETECTORS
     from scanner.detectors.restoration import fastest_batch
@@ -45,6 +52,10 @@ def measure(model_path: str, data_path: str, detector: str, settings: dict, thre
 
     data = CleanData.load_npz(data_path)
     loaded = load_model(model_path, check_data=data.x[:64])
+    loaded.module.to(device)
+    if device.type == "cuda":  # start the clock on a warm device: context creation is not the scan's
+        torch.ones(1, device=device).sum().item()
+        torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     if detector == "cascade":
         # the whole `--mode fast` path: NeuronInspect, then TABOR on its suspects
@@ -52,14 +63,18 @@ def measure(model_path: str, data_path: str, detector: str, settings: dict, thre
 
         both = run_detectors(loaded.module, data, loaded.num_classes,
                              ScanSettings(detectors=("ni", "tabor"), mode="fast", detector_settings=settings),
-                             torch.device("cpu"))
+                             device)
         result = both["tabor"]
         result.notes["ni_seconds"] = both["ni"].seconds
     else:
         cls = DETECTORS[detector]
-        result = cls(cls.settings_model(**settings), seed=0).scan(loaded.module, data, loaded.num_classes)
+        result = cls(cls.settings_model(**settings), seed=0, device=device).scan(loaded.module, data,
+                                                                                 loaded.num_classes)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
     report = {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
               "flagged": result.flagged_classes, "notes": {k: v for k, v in result.notes.items() if k != "device_probe"}}
     if detector in ("tabor", "cascade"):
         report["anomaly_index"] = [round(float(v), 3) for v in result.anomaly_index]
@@ -67,16 +82,18 @@ def measure(model_path: str, data_path: str, detector: str, settings: dict, thre
         batch = result.settings["batch_size"]
         report["restoration_images"] = int(sum(result.notes["steps"]) * batch)
     if detector == "nc" and not settings.get("slots"):
-        best, rates = fastest_batch(loaded.module, data.image_shape, torch.device("cpu"))
+        best, rates = fastest_batch(loaded.module, data.image_shape, device,
+                                    candidates=(32, 64, 128, 256, 512, 1024, 2048, 4096))
         report["raw_images_per_second"] = {str(k): v for k, v in rates.items()}
         report["raw_best_images_per_second"] = max(rates.values())
     queue.put(report)
 
 
-def run(model_path: Path, data_path: Path, detector: str, settings: dict, threads: int) -> dict:
+def run(model_path: Path, data_path: Path, detector: str, settings: dict, threads: int, device: str = "cpu") -> dict:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=measure, args=(str(model_path), str(data_path), detector, settings, threads, queue))
+    process = context.Process(target=measure,
+                              args=(str(model_path), str(data_path), detector, settings, threads, device, queue))
     process.start()
     report = queue.get()
     process.join()
@@ -91,14 +108,15 @@ def model_files(zoo: Path, model_id: str) -> tuple[Path, Path, dict]:
     return zoo / entry["files"]["onnx"]["path"], zoo / "clean_samples.npz", entry
 
 
-def cascade_rows(zoo: Path, model_ids: list[str], threads: int, first: dict[str, tuple[dict, dict]]) -> list[dict]:
+def cascade_rows(zoo: Path, model_ids: list[str], threads: int, first: dict[str, tuple[dict, dict]],
+                 device: str = "cpu") -> list[dict]:
     """Full TABOR vs the cascade per model: flagged classes, whether the targets are caught, seconds.
     `first` holds runs already made (the speed model) so they are not repeated."""
     rows = []
     for model_id in model_ids:
         model_path, data_path, entry = model_files(zoo, model_id)
-        full, fast = first.get(model_id) or (run(model_path, data_path, "tabor", {}, threads),
-                                             run(model_path, data_path, "cascade", {}, threads))
+        full, fast = first.get(model_id) or (run(model_path, data_path, "tabor", {}, threads, device),
+                                             run(model_path, data_path, "cascade", {}, threads, device))
         targets = entry.get("targets") or []
         rows.append({"model_id": model_id, "targets": targets, "tabor_flagged": full["flagged"],
                      "cascade_flagged": fast["flagged"],
@@ -128,6 +146,8 @@ def main() -> int:
     parser.add_argument("--cascade-only", action="store_true",
                         help="measure only full TABOR vs the cascade and merge into the existing speed.json")
     parser.add_argument("--catches", default="", help="more zoo model ids to compare full TABOR and the cascade on")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda; cuda writes speed_cuda.json")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args()
     model_path, data_path, _ = model_files(args.zoo, args.model)
     more = [m for m in args.catches.split(",") if m and m != args.model]
@@ -165,10 +185,11 @@ def main() -> int:
         print(table)
         return 0
 
-    reports = {name: run(model_path, data_path, name, {}, args.threads) for name in ("ni", "nc", "tabor", "ncpp")}
-    sequential = run(model_path, data_path, "nc", {"slots": 1}, args.threads)
-    cascade = run(model_path, data_path, "cascade", {}, args.threads)
-    rows = cascade_rows(args.zoo, [args.model, *more], args.threads, {args.model: (reports["tabor"], cascade)})
+    device = args.device
+    reports = {name: run(model_path, data_path, name, {}, args.threads, device) for name in ("ni", "nc", "tabor", "ncpp")}
+    sequential = run(model_path, data_path, "nc", {"slots": 1}, args.threads, device)
+    cascade = run(model_path, data_path, "cascade", {}, args.threads, device)
+    rows = cascade_rows(args.zoo, [args.model, *more], args.threads, {args.model: (reports["tabor"], cascade)}, device)
     nc = reports["nc"]
     scan_rate = nc["restoration_images"] / nc["seconds"]
     ratios = {
@@ -179,23 +200,26 @@ def main() -> int:
         "tabor_over_cascade": reports["tabor"]["seconds"] / cascade["seconds"],
     }
     default_scan = reports["ni"]["seconds"] + reports["tabor"]["seconds"]
-    rows_table = [[name, f"{r['seconds']:.1f}", f"{r['peak_rss_mb']:.0f}", r["flagged"]] for name, r in reports.items()]
-    rows_table.append(["nc one class at a time", f"{sequential['seconds']:.1f}", f"{sequential['peak_rss_mb']:.0f}",
-                       sequential["flagged"]])
-    rows_table.append(["cascade (ni + tabor on suspects)", f"{cascade['seconds']:.1f}", f"{cascade['peak_rss_mb']:.0f}",
-                       cascade["flagged"]])
-    table = markdown_table(["detector", "seconds", "peak RSS MB", "flagged"], rows_table)
+    gpu = device != "cpu"
+    labelled = [*reports.items(), ("nc one class at a time", sequential), ("cascade (ni + tabor on suspects)", cascade)]
+    rows_table = [[name, f"{r['seconds']:.1f}", f"{r['peak_rss_mb']:.0f}", *([f"{r['peak_gpu_mb']:.0f}"] if gpu else []),
+                   r["flagged"]] for name, r in labelled]
+    table = markdown_table(["detector", "seconds", "peak RSS MB", *(["peak GPU MB"] if gpu else []), "flagged"],
+                           rows_table)
     table += "\n\n" + markdown_table(["ratio", "value"], [[k, "-" if v is None else f"{v:.2f}"] for k, v in ratios.items()])
     table += f"\n\nDefault scan (ni + tabor): {default_scan:.1f} s. NC restoration {scan_rate:.0f} images/s vs raw best " \
              f"{nc['raw_best_images_per_second']:.0f} images/s.\n\n## Cascade (`--mode fast`)\n\n" + cascade_table(rows)
-    write_results("speed", {"model_id": args.model, "device": "cpu", "threads": args.threads, "ratios": ratios,
+    write_results("speed" if not gpu else f"speed_{device}", {"model_id": args.model, "device": device,
+                            "threads": args.threads, "ratios": ratios,
                             "seconds": {k: r["seconds"] for k, r in reports.items()} | {"nc_sequential": sequential["seconds"],
                                                                                        "default_scan_ni_tabor": default_scan,
                                                                                        "cascade": cascade["seconds"]},
                             "peak_memory_mb": {k: r["peak_rss_mb"] for k, r in reports.items()} | {"cascade": cascade["peak_rss_mb"]},
+                            "peak_gpu_memory_mb": ({k: r["peak_gpu_mb"] for k, r in labelled} if gpu else None),
                             "cascade": {"threads": args.threads, "catches": rows,
                                         "same_catches": f"{sum(r['same_catches'] for r in rows)}/{len(rows)}"},
-                            "details": reports | {"nc_sequential": sequential, "cascade": cascade}}, table)
+                            "details": reports | {"nc_sequential": sequential, "cascade": cascade}}, table,
+                  results_dir=args.results_dir)
     print(table)
     return 0
 
