@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.results_file import markdown_table, write_results  # noqa: E402
+from benchmarks.results_file import RESULTS_DIR, markdown_table, write_results  # noqa: E402
 from scanner.metrics import correctness, mask_f1  # noqa: E402
 from scanner.scan import ScanSettings, scan_model  # noqa: E402
 from scanner.zoo import load_manifest  # noqa: E402
@@ -39,9 +39,10 @@ def truth_masks(zoo: Path, entry: dict) -> dict[int, list[np.ndarray]]:
     return masks
 
 
-def scan_row(zoo: Path, entry: dict, detector: str, seed: int) -> dict:
-    """Scan one zoo model with one detector (or read the cached row)."""
-    settings = ScanSettings(detectors=(detector,), seed=seed)
+def scan_row(zoo: Path, entry: dict, detector: str, seed: int, device: str | None = None) -> dict:
+    """Scan one zoo model with one detector (or read the cached row). A device given explicitly
+    is part of the settings, so its rows are cached apart from those of the default ("auto")."""
+    settings = ScanSettings(detectors=(detector,), seed=seed, **({"device": device} if device else {}))
     model_file = entry["files"]["onnx"]
     cache = zoo / "scans" / f"{entry['id']}-{detector}-{cache_key(model_file['sha256'], settings)}.json"
     if cache.is_file():
@@ -58,7 +59,8 @@ def scan_row(zoo: Path, entry: dict, detector: str, seed: int) -> dict:
             f1s.append(mask_f1(detection.triggers[target].mask, union))
     row = {
         "model_id": entry["id"], "dataset": entry["dataset"], "trojaned": entry["trojaned"], "targets": targets,
-        "detector": detector, "flagged_classes": detection.flagged_classes,
+        "detector": detector, "device": result.device,
+        "flagged_classes": detection.flagged_classes,
         "right_target": (set(targets) <= set(detection.flagged_classes)) if entry["trojaned"] else None,
         "mask_f1": float(np.mean(f1s)) if f1s else None,
         "correctness": correctness(detection.flagged_classes, targets, entry["trojaned"]),
@@ -99,6 +101,8 @@ def main() -> int:
     parser.add_argument("--models", default="", help="only these model ids")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="detection", help="results file name")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: the scan's own, auto)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args()
     detectors = args.detectors.split(",")
     only = set(filter(None, args.models.split(",")))
@@ -113,7 +117,7 @@ def main() -> int:
             if only and entry["id"] not in only:
                 continue
             for detector in detectors:
-                row = scan_row(zoo, entry, detector, args.seed)
+                row = scan_row(zoo, entry, detector, args.seed, args.device)
                 rows.append(row)
                 print(f"{row['model_id']:28s} {detector:6s} flagged={row['flagged_classes']} targets={row['targets']} "
                       f"{row['correctness']:13s} idx_target={row['anomaly_index_target']} "
@@ -132,7 +136,7 @@ def main() -> int:
         [[n, s["trojans"], s["caught_right_target"], s["clean"], s["false_alarms"], fmt(s["mean_mask_f1"]),
           s["trojans_index_below_2"], s["seconds_total"]] for n, s in summary.items()])
     path = write_results(args.name, {"datasets": args.datasets.split(","), "detectors": detectors, "rows": rows,
-                                     "summary": summary}, table)
+                                     "summary": summary}, table, results_dir=args.results_dir)
     print(table)
     print(f"written: {path}")
     return 0

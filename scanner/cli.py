@@ -398,6 +398,8 @@ def unlearn(
     epochs: int = typer.Option(None, help="fine-tune epochs [default: UnlearnSettings']"),
     share: float = typer.Option(None, help="share of fine-tune images stamped with a restored trigger (true labels kept)"),
     lr: float = typer.Option(None, help="Adam learning rate"),
+    rounds: int = typer.Option(None, help="patch rounds: later rounds restore the targets' triggers again on the "
+                                          "patched model and unlearn those that still work"),
     seed: int = typer.Option(0, help="seed of the split, the stamping and the batches"),
     json_path: Path = typer.Option(None, "--json", help="write the before/after metrics here"),
 ) -> None:
@@ -405,7 +407,7 @@ def unlearn(
     from scanner.unlearning import UnlearnSettings, unlearn_files
 
     try:
-        given = {"epochs": epochs, "share": share, "lr": lr}
+        given = {"epochs": epochs, "share": share, "lr": lr, "rounds": rounds}
         settings = UnlearnSettings(seed=seed, **{k: v for k, v in given.items() if v is not None})
     except ValueError as error:
         usage(" ".join(str(error).split())[:200])

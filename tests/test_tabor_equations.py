@@ -5,7 +5,16 @@ import pytest
 import torch
 from torch import nn
 
-from scanner.detectors.restoration import RestorationSettings, _RowAdam, _Schedule, from_unit, stamp, to_unit
+from scanner.detectors.restoration import (
+    RestorationSettings,
+    _RowAdam,
+    _Schedule,
+    choose_slots,
+    from_unit,
+    near_fastest_batch,
+    stamp,
+    to_unit,
+)
 from scanner.detectors.tabor import (
     TaborSettings,
     elastic_net,
@@ -120,3 +129,14 @@ def test_pruning_keeps_only_the_pixels_that_carry_the_class():
     assert refined[1, 0, 0] > 0.25 and refined[1, 0, 0] == refined[1].max()
     assert refined[1].sum() - refined[1, 0, 0] < 0.5  # the 8 irrelevant pixels are pruned away
     assert (refined <= masks + 1e-6).all()  # refined = M * M-hat never exceeds M
+
+
+def test_slots_take_the_largest_batch_near_the_fastest():
+    # a near tie goes to the larger batch; a clear loss does not
+    assert near_fastest_batch({32: 100.0, 64: 104.0, 128: 95.0, 256: 60.0}) == 128
+    assert near_fastest_batch({32: 100.0, 512: 84.0}) == 32
+    assert near_fastest_batch({32: 50.0, 64: 100.0, 128: 86.0}) == 128
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    slots, probe = choose_slots(model, (1, 4, 4), torch.device("cpu"), images_per_class=32, num_classes=3)
+    assert probe["chosen_batch"] == near_fastest_batch({int(k): v for k, v in probe["images_per_second"].items()})
+    assert slots == max(1, min(3, round(probe["chosen_batch"] / 32)))

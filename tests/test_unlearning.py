@@ -29,6 +29,7 @@ from scanner.unlearning import (
     UnlearnSettings,
     export_patched,
     load_restored_triggers,
+    restore_again,
     split_held_out,
     unlearn,
     unlearn_files,
@@ -137,6 +138,38 @@ def test_pt2_program_trains_and_is_written_as_pt2(smoke, tmp_path):
     with torch.no_grad():
         x = torch.from_numpy(evaluation.x[:64])
         assert np.allclose(reloaded.module(x).numpy(), outcome.module(x).numpy(), atol=1e-4)
+
+
+def test_restoring_again_on_the_infected_model_keeps_a_small_working_trigger(smoke):
+    """The re-restoration of later rounds, on a model whose backdoor still works: Neural
+    Cleanse's restoration finds a trigger for the target that reaches the threshold with a mask
+    within the growth limit, and returns it as a new trigger of that class."""
+    zoo, trojan, result_json, test = smoke
+    train, _ = finetune_and_evaluation(test)
+    triggers, _ = load_restored_triggers(result_json)
+    loaded = load_model(zoo / trojan["files"]["onnx"]["path"], check_data=train.x[:8])
+    target = trojan["targets"][0]
+    found, report = restore_again(loaded.module, train, triggers, round_number=2, seed=0)
+    entry = report["classes"][str(target)]
+    assert report["round"] == 2 and list(report["classes"]) == [str(target)]
+    assert entry["reached"] and entry["kept"] and entry["mask_l1"] <= entry["mask_l1_limit"], entry
+    assert [t.target for t in found] == [target] and found[0].mask.shape == (28, 28)
+    assert found[0].source.startswith("round 2")
+
+
+def test_two_rounds_report_the_second_and_measure_every_trigger_used(smoke):
+    zoo, trojan, result_json, test = smoke
+    train, evaluation = finetune_and_evaluation(test)
+    triggers, _ = load_restored_triggers(result_json)
+    loaded = load_model(zoo / trojan["files"]["onnx"]["path"], check_data=train.x[:8])
+    outcome = unlearn(loaded.module, train, triggers, SETTINGS.model_copy(update={"rounds": 2}),
+                      evaluation=evaluation, true_triggers=true_triggers(trojan))
+    assert [r["round"] for r in outcome.rounds] == [2]
+    kept = sum(c["kept"] for c in outcome.rounds[0]["classes"].values())
+    assert len(outcome.triggers) == len(triggers) + kept
+    assert len(outcome.before.asr_restored) == len(outcome.after.asr_restored) == len(outcome.triggers)
+    assert outcome.after.max_asr_true <= 0.1 and outcome.after.clean_accuracy >= outcome.before.clean_accuracy - 0.02
+    assert outcome.to_json()["rounds"] == outcome.rounds
 
 
 def test_held_out_split_is_disjoint_and_per_class(smoke):
