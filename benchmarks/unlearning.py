@@ -141,12 +141,13 @@ def patch_row(zoo: Path, entry: dict, data, finetune: CleanData, settings: Unlea
     seconds = time.perf_counter() - started
     written = export_patched(outcome.module, loaded.format, out_dir / f"{entry['id']}.onnx", data.image_shape,
                              data.evaluation.x[:64])
-    reference = measure(references[entry["arch"]], data.evaluation, triggers, truths)
+    reference = measure(references[entry["arch"]], data.evaluation, outcome.triggers, truths)
     before, after = outcome.before, outcome.after
     return {
         "model_id": entry["id"], "arch": entry["arch"], "targets": entry["targets"],
         "flagged_classes": json.loads(result_path.read_text())["flagged_classes"], "patched_with": how,
-        "triggers": [t.source for t in triggers],
+        "triggers": [t.source for t in outcome.triggers],
+        "rounds": outcome.rounds,
         "ca_before": before.clean_accuracy, "ca_after": after.clean_accuracy,
         "asr_before": before.max_asr_true, "asr_after": after.max_asr_true,
         "ca_drop": before.clean_accuracy - after.clean_accuracy,
@@ -169,6 +170,7 @@ def main() -> int:
     parser.add_argument("--share", type=float, default=defaults.share)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--rounds", type=int, default=defaults.rounds, help="patch rounds (see UnlearnSettings)")
     parser.add_argument("--finetune-images", type=int, default=10000, help="clean training images fine-tuned on")
     parser.add_argument("--out", type=Path, default=None, help="patched ONNX files (default: <zoo>/unlearned)")
     parser.add_argument("--name", default="unlearning", help="results file name")
@@ -184,7 +186,7 @@ def main() -> int:
         for entry in trojans:
             restore(args.zoo, entry)
         return 0
-    settings = UnlearnSettings(epochs=args.epochs, share=args.share, lr=args.lr, seed=args.seed)
+    settings = UnlearnSettings(epochs=args.epochs, share=args.share, lr=args.lr, seed=args.seed, rounds=args.rounds)
     data = load_zoo_data(manifest["dataset"], manifest["size"])
     finetune = finetune_set(data.train, args.finetune_images, args.seed)
     references = {}
