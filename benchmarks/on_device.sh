@@ -5,8 +5,7 @@
 # Prepared here beforehand (folders git-ignored, carried with the tree):
 #   .whl/        wheels of what that python lacks: pydantic, pydantic-core (cp312), annotated-types,
 #                typing-inspection, onnx2torch
-#   .gpu/zoo/    the zoo files the command reads (manifest.json, clean_samples.npz, model.onnx files
-#                and ground-truth masks), copied from zoo/<dataset>
+#   .gpu/zoo/    the zoo files the command reads: python benchmarks/copy_zoo_for_device.py DATASET
 #   .gpu/commit  the commit measured (that copy has no .git)
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
