@@ -16,10 +16,12 @@ runs the same measurements on a GPU and writes speed_cuda.json/.md instead (peak
 detector beside peak RSS); the issue's GPU target is sequential_over_batched >= 3.
 
     python benchmarks/speed.py --cascade-only --threads 1 [--catches fm-square3-br,fm-clean-cnn-s1,...]
+    python benchmarks/speed.py --cascade-only --zoo zoo/signs --model sg-square3-br --name cascade_signs
 
 measures only full TABOR and the cascade (plus NeuronInspect) and merges tabor_over_cascade into
 the existing speed.json, keeping the other ratios with the command that measured them (for a
-machine shared with other work, where the full run would take too long). `--catches` also runs
+machine shared with other work, where the full run would take too long; with `--name` other than
+speed, into a file of its own, e.g. for a 43-class model). `--catches` also runs
 full TABOR and the cascade on more zoo models and records whether they flag the same classes.
 """
 
@@ -148,19 +150,35 @@ def main() -> int:
     parser.add_argument("--catches", default="", help="more zoo model ids to compare full TABOR and the cascade on")
     parser.add_argument("--device", default="cpu", help="cpu or cuda; cuda writes speed_cuda.json")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--name", default="speed", help="with --cascade-only: another name writes a result file of "
+                                                        "its own instead of merging into speed.json")
     args = parser.parse_args()
     model_path, data_path, _ = model_files(args.zoo, args.model)
     more = [m for m in args.catches.split(",") if m and m != args.model]
 
     if args.cascade_only:
-        tabor = run(model_path, data_path, "tabor", {}, args.threads)
-        cascade = run(model_path, data_path, "cascade", {}, args.threads)
-        rows = cascade_rows(args.zoo, [args.model, *more], args.threads, {args.model: (tabor, cascade)})
-        previous = json.loads((RESULTS_DIR / "speed.json").read_text())
+        tabor = run(model_path, data_path, "tabor", {}, args.threads, args.device)
+        cascade = run(model_path, data_path, "cascade", {}, args.threads, args.device)
+        rows = cascade_rows(args.zoo, [args.model, *more], args.threads, {args.model: (tabor, cascade)}, args.device)
+        ratio = tabor["seconds"] / cascade["seconds"]
+        section = (f"## Cascade (`--mode fast`), {args.threads} thread(s)\n\nFull TABOR {tabor['seconds']:.1f} s, cascade "
+                   f"{cascade['seconds']:.1f} s (NeuronInspect {cascade['notes']['ni_seconds']:.1f} s + TABOR on classes "
+                   f"{cascade['notes']['cascade']['restored_classes']}): tabor_over_cascade = {ratio:.2f}.\n\n"
+                   + cascade_table(rows))
+        cascade_figures = {"threads": args.threads, "tabor": tabor, "cascade": cascade, "catches": rows,
+                           "same_catches": f"{sum(r['same_catches'] for r in rows)}/{len(rows)}"}
+        if args.name != "speed":  # a cascade-only result file of its own (another model or data set)
+            write_results(args.name, {"model_id": args.model, "device": args.device, "threads": args.threads,
+                                      "ratios": {"tabor_over_cascade": ratio},
+                                      "seconds": {"tabor": tabor["seconds"], "cascade": cascade["seconds"]},
+                                      "peak_memory_mb": {"tabor": tabor["peak_rss_mb"], "cascade": cascade["peak_rss_mb"]},
+                                      "cascade": cascade_figures}, section, results_dir=args.results_dir)
+            print(section)
+            return 0
+        previous = json.loads((args.results_dir / "speed.json").read_text())
         if previous.get("model_id") != args.model:
             raise SystemExit(f"speed.json was measured on {previous.get('model_id')}, not {args.model}")
         sources = previous.get("ratio_sources") or {k: previous["command"] for k in previous["ratios"]}
-        ratio = tabor["seconds"] / cascade["seconds"]
         figures = {k: v for k, v in previous.items()
                    if k not in ("benchmark", "created", "command", "machine", "versions", "git_commit")}
         figures["ratios"] = previous["ratios"] | {"tabor_over_cascade": ratio}
@@ -169,19 +187,14 @@ def main() -> int:
         figures["seconds"] = previous["seconds"] | {"tabor_for_cascade_ratio": tabor["seconds"],
                                                     "cascade": cascade["seconds"]}
         figures["peak_memory_mb"] = previous["peak_memory_mb"] | {"cascade": cascade["peak_rss_mb"]}
-        figures["cascade"] = {"threads": args.threads, "tabor": tabor, "cascade": cascade, "catches": rows,
-                              "same_catches": f"{sum(r['same_catches'] for r in rows)}/{len(rows)}"}
-        old_table = (RESULTS_DIR / "speed.md").read_text().split("\n\n", 1)[1]
+        figures["cascade"] = cascade_figures
+        old_table = (args.results_dir / "speed.md").read_text().split("\n\n", 1)[1]
         old_table = old_table.split("\n\n## Cascade", 1)[0].replace(" Cascade (`--mode fast`) not built yet.", "")
         old_table = old_table.replace("| tabor_over_cascade | - |",
                                                                      f"| tabor_over_cascade | {ratio:.2f} |")
         table = (f"Figures other than the cascade's: `{previous['command']}` at {previous['created']}, commit "
-                 f"{previous['git_commit']}.\n\n{old_table.strip()}\n\n## Cascade (`--mode fast`), {args.threads} "
-                 f"thread(s)\n\nFull TABOR {tabor['seconds']:.1f} s, cascade {cascade['seconds']:.1f} s "
-                 f"(NeuronInspect {cascade['notes']['ni_seconds']:.1f} s + TABOR on classes "
-                 f"{cascade['notes']['cascade']['restored_classes']}): tabor_over_cascade = {ratio:.2f}.\n\n"
-                 + cascade_table(rows))
-        write_results("speed", figures, table)
+                 f"{previous['git_commit']}.\n\n{old_table.strip()}\n\n" + section)
+        write_results("speed", figures, table, results_dir=args.results_dir)
         print(table)
         return 0
 
