@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from scanner.detectors.restoration import (
+    NEAR_FASTEST,
     RestorationSettings,
     _RowAdam,
     _Schedule,
@@ -138,5 +139,8 @@ def test_slots_take_the_largest_batch_near_the_fastest():
     assert near_fastest_batch({32: 50.0, 64: 100.0, 128: 86.0}) == 128
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
     slots, probe = choose_slots(model, (1, 4, 4), torch.device("cpu"), images_per_class=32, num_classes=3)
-    assert probe["chosen_batch"] == near_fastest_batch({int(k): v for k, v in probe["images_per_second"].items()})
+    rates = {int(k): v for k, v in probe["images_per_second"].items()}  # rounded to 0.1 in the notes
+    top, chosen = max(rates.values()), probe["chosen_batch"]
+    assert rates[chosen] >= NEAR_FASTEST * top - 0.2
+    assert all(rate < NEAR_FASTEST * top + 0.2 for size, rate in rates.items() if size > chosen)
     assert slots == max(1, min(3, round(probe["chosen_batch"] / 32)))
