@@ -49,7 +49,7 @@ def measure(model_path: str, data_path: str, detector: str, settings: dict, thre
     device = torch.device(device_name)
     from scanner.data import CleanData
     from scanner.detectors import DETECTORS
-    from scanner.detectors.restoration import fastest_batch
+    from scanner.detectors.restoration import GPU_BATCHES, fastest_batch
     from scanner.model_io import load_model
 
     data = CleanData.load_npz(data_path)
@@ -84,8 +84,7 @@ def measure(model_path: str, data_path: str, detector: str, settings: dict, thre
         batch = result.settings["batch_size"]
         report["restoration_images"] = int(sum(result.notes["steps"]) * batch)
     if detector == "nc" and not settings.get("slots"):
-        best, rates = fastest_batch(loaded.module, data.image_shape, device,
-                                    candidates=(32, 64, 128, 256, 512, 1024, 2048, 4096))  # on any device
+        best, rates = fastest_batch(loaded.module, data.image_shape, device, candidates=GPU_BATCHES)  # on any device
         report["raw_images_per_second"] = {str(k): v for k, v in rates.items()}
         report["raw_best_images_per_second"] = max(rates.values())
     queue.put(report)
@@ -131,6 +130,12 @@ def cascade_rows(zoo: Path, model_ids: list[str], threads: int, first: dict[str,
     return rows
 
 
+def cascade_figures(threads: int, rows: list[dict], **runs: dict) -> dict:
+    """The cascade part of a result file: thread count, the runs given, per-model rows, catches."""
+    return {"threads": threads, **runs, "catches": rows,
+            "same_catches": f"{sum(r['same_catches'] for r in rows)}/{len(rows)}"}
+
+
 def cascade_table(rows: list[dict]) -> str:
     return markdown_table(
         ["model", "targets", "full TABOR flags", "cascade restores", "cascade flags", "same catches", "full s",
@@ -165,14 +170,13 @@ def main() -> int:
                    f"{cascade['seconds']:.1f} s (NeuronInspect {cascade['notes']['ni_seconds']:.1f} s + TABOR on classes "
                    f"{cascade['notes']['cascade']['restored_classes']}): tabor_over_cascade = {ratio:.2f}.\n\n"
                    + cascade_table(rows))
-        cascade_figures = {"threads": args.threads, "tabor": tabor, "cascade": cascade, "catches": rows,
-                           "same_catches": f"{sum(r['same_catches'] for r in rows)}/{len(rows)}"}
+        figures_of_cascade = cascade_figures(args.threads, rows, tabor=tabor, cascade=cascade)
         if args.name != "speed":  # a cascade-only result file of its own (another model or data set)
             write_results(args.name, {"model_id": args.model, "device": args.device, "threads": args.threads,
                                       "ratios": {"tabor_over_cascade": ratio},
                                       "seconds": {"tabor": tabor["seconds"], "cascade": cascade["seconds"]},
                                       "peak_memory_mb": {"tabor": tabor["peak_rss_mb"], "cascade": cascade["peak_rss_mb"]},
-                                      "cascade": cascade_figures}, section, results_dir=args.results_dir)
+                                      "cascade": figures_of_cascade}, section, results_dir=args.results_dir)
             print(section)
             return 0
         previous = json.loads((args.results_dir / "speed.json").read_text())
@@ -187,7 +191,7 @@ def main() -> int:
         figures["seconds"] = previous["seconds"] | {"tabor_for_cascade_ratio": tabor["seconds"],
                                                     "cascade": cascade["seconds"]}
         figures["peak_memory_mb"] = previous["peak_memory_mb"] | {"cascade": cascade["peak_rss_mb"]}
-        figures["cascade"] = cascade_figures
+        figures["cascade"] = figures_of_cascade
         old_table = (args.results_dir / "speed.md").read_text().split("\n\n", 1)[1]
         old_table = old_table.split("\n\n## Cascade", 1)[0].replace(" Cascade (`--mode fast`) not built yet.", "")
         old_table = old_table.replace("| tabor_over_cascade | - |",
@@ -229,8 +233,7 @@ def main() -> int:
                                                                                        "cascade": cascade["seconds"]},
                             "peak_memory_mb": {k: r["peak_rss_mb"] for k, r in reports.items()} | {"cascade": cascade["peak_rss_mb"]},
                             "peak_gpu_memory_mb": ({k: r["peak_gpu_mb"] for k, r in labelled} if gpu else None),
-                            "cascade": {"threads": args.threads, "catches": rows,
-                                        "same_catches": f"{sum(r['same_catches'] for r in rows)}/{len(rows)}"},
+                            "cascade": cascade_figures(args.threads, rows),
                             "details": reports | {"nc_sequential": sequential, "cascade": cascade}}, table,
                   results_dir=args.results_dir)
     print(table)
