@@ -96,7 +96,7 @@ def summarise(rows: list[dict], detectors: list[str]) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="fashion-mnist,signs")
-    parser.add_argument("--detectors", default="ni,tabor,nc,ncpp")
+    parser.add_argument("--detectors", default="ni,tabor,nc,ncpp,hotspot")
     parser.add_argument("--zoo-root", type=Path, default=Path("zoo"))
     parser.add_argument("--models", default="", help="only these model ids")
     parser.add_argument("--seed", type=int, default=0)

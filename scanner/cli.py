@@ -228,13 +228,14 @@ def print_summary(result: Any) -> None:
 def scan(
     model: str = typer.Argument(..., help="model file (.onnx, .pt2; pickles need --allow-pickle)"),
     data: Path = typer.Option(None, "--data", help="clean data npz with x (N,C,H,W float32 in [0,1]) and y (N int64)"),
-    detectors: str = typer.Option("ni,tabor", help="comma-separated: ni, tabor, nc, ncpp"),
+    detectors: str = typer.Option("ni,tabor", help="comma-separated: ni, tabor, nc, ncpp, hotspot"),
     mode: str = typer.Option("full", help="full, or fast (NeuronInspect ranks, TABOR restores the suspects)"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     json_path: Path = typer.Option(None, "--json", help="write the result JSON here"),
     out: Path = typer.Option(None, help="folder for restored triggers and saliency pictures (default: beside --json)"),
     seed: int = typer.Option(0, help="seed of every random choice (recorded)"),
-    threshold: float = typer.Option(2.0, help="anomaly index at or above which a class is flagged"),
+    threshold: float = typer.Option(None, help="anomaly index at or above which a class is flagged "
+                                              "(default: each detector's own, 2; hotspot 3)"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="trust and unpickle a pickled model (runs its code)"),
     mean: str = typer.Option(None, help="per-channel mean the model expects, e.g. 0.485,0.456,0.406"),
     std: str = typer.Option(None, help="per-channel std the model expects"),
@@ -266,7 +267,8 @@ def scan(
     if (means is None) != (stds is None):
         usage("--mean and --std go together")
     try:
-        settings = ScanSettings(detectors=names, mode=mode, device=device, seed=seed, threshold=threshold,
+        settings = ScanSettings(detectors=names, mode=mode, device=device, seed=seed,
+                                **({} if threshold is None else {"threshold": threshold}),
                                 min_images_per_class=min_images_per_class, min_clean_accuracy=min_clean_accuracy)
     except ValueError as error:
         usage(str(error).splitlines()[0])

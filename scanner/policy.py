@@ -97,7 +97,9 @@ class ModelPolicy(BaseModel):
         return self
 
     def scan_settings(self) -> ScanSettings:
-        return ScanSettings(detectors=self.detectors, threshold=self.threshold, seed=self.seed, device=self.device,
+        # a threshold the policy does not set leaves each detector its own default (see run_detectors)
+        threshold = {"threshold": self.threshold} if "threshold" in self.model_fields_set else {}
+        return ScanSettings(detectors=self.detectors, **threshold, seed=self.seed, device=self.device,
                             detector_settings=self.detector_settings, verdict_rule=self.verdict_rule,
                             min_images_per_class=self.min_images_per_class,
                             min_clean_accuracy=self.min_clean_accuracy)

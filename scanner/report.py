@@ -49,6 +49,7 @@ DETECTOR_NAMES = {
     "tabor": "TABOR",
     "nc": "Neural Cleanse",
     "ncpp": "NC++",
+    "hotspot": "Saliency hotspot",
 }
 
 

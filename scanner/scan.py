@@ -71,6 +71,10 @@ class ScanSettings(BaseModel):
         dumped = handler(self)
         if self.min_clean_accuracy is None:
             dumped.pop("min_clean_accuracy", None)
+        if "threshold" in self.model_fields_set:
+            # a threshold set by the caller reaches every detector, an unset one leaves each its own
+            # default (run_detectors): the two give different verdicts, so they must hash apart
+            dumped["threshold_applies_to_all"] = True
         return dumped
 
     def accuracy_floor(self, num_classes: int) -> float:
@@ -181,7 +185,8 @@ def scan_fraction(detectors: tuple[str, ...], detector: str, done: int, total: i
 
 def run_detectors(model: torch.nn.Module, data: CleanData, num_classes: int, settings: ScanSettings,
                   device: torch.device, progress=None) -> dict[str, DetectionResult]:
-    """Run each requested detector with its settings (threshold from the scan settings)."""
+    """Run each requested detector with its settings (the threshold from the scan settings when
+    the caller set one there, else the detector's own default)."""
     unknown = [name for name in settings.detectors if name not in DETECTORS]
     if unknown:
         raise TrojanScanError(f"unknown detector(s) {unknown}; known: {sorted(DETECTORS)}")
@@ -196,8 +201,12 @@ def run_detectors(model: torch.nn.Module, data: CleanData, num_classes: int, set
     results = {}
     for name in order:
         cls = DETECTORS[name]
-        detector_settings = cls.settings_model(threshold=settings.threshold,
-                                               **settings.detector_settings.get(name, {}))
+        own = dict(settings.detector_settings.get(name, {}))
+        # a threshold the caller set applies to every detector; otherwise each keeps its own
+        # default (2 for the published detectors, 3 for `hotspot`, see its module)
+        if "threshold" in settings.model_fields_set:
+            own.setdefault("threshold", settings.threshold)
+        detector_settings = cls.settings_model(**own)
         kwargs = {"seed": settings.seed, "device": device}
         if progress is not None:
             kwargs["progress"] = progress

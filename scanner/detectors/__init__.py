@@ -1,6 +1,6 @@
 """Detectors, one module each, all behind `base.Detector`; `DETECTORS` maps names to classes."""
 
-from scanner.detectors import ncpp, neural_cleanse, tabor  # noqa: F401  (register themselves)
+from scanner.detectors import ncpp, neural_cleanse, saliency_hotspot, tabor  # noqa: F401  (register themselves)
 from scanner.detectors.base import DETECTORS, DetectionResult, Detector, DetectorSettings, RestoredTrigger
 
 try:  # written alongside; registers "ni"

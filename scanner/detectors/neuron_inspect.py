@@ -112,15 +112,20 @@ def _reduce_channels(grad: torch.Tensor) -> torch.Tensor:
     return grad.clamp_min(0).sum(dim=1)
 
 
-def _rectified_maps(model: torch.nn.Module, x: torch.Tensor, classes: Sequence[int],
-                    on_class: Callable[[int], None] | None = None) -> torch.Tensor:
-    """One forward pass, then one rectified backward pass per class: (len(classes), N, H, W)."""
+def input_saliency(model: torch.nn.Module, x: torch.Tensor, classes: Sequence[int], *, rectified: bool = True,
+                   on_class: Callable[[int], None] | None = None) -> torch.Tensor:
+    """One forward pass, then one backward pass per class: (len(classes), N, H, W), each map the
+    sum over channels of the positive part of d logit / d x. `rectified` makes every ReLU pass only
+    positive gradients back (NeuronInspect's rectified saliency); without it the gradient is plain."""
     x = x.detach().clone().requires_grad_(True)
-    with _RectifiedReLUMode():
+    if rectified:
+        with _RectifiedReLUMode():
+            logits = model(x)
+    else:
         logits = model(x)
     if logits.ndim != 2:
         raise TrojanScanError(
-            f"NeuronInspect needs (N, classes) logits, the model returned shape {tuple(logits.shape)}")
+            f"saliency needs (N, classes) logits, the model returned shape {tuple(logits.shape)}")
     outside = [c for c in classes if not 0 <= c < logits.shape[1]]
     if outside:
         raise TrojanScanError(f"class {outside[0]} is out of range for a model with {logits.shape[1]} outputs")
@@ -141,7 +146,7 @@ def rectified_saliency(model: torch.nn.Module, x: torch.Tensor, target_class: in
 
     Channels are reduced to one map per image by summing their positive parts: (N, H, W) >= 0.
     """
-    return _rectified_maps(model, x, [target_class])[0]
+    return input_saliency(model, x, [target_class])[0]
 
 
 def class_saliency_maps(model: torch.nn.Module, x: torch.Tensor, num_classes: int, batch_size: int,
@@ -153,10 +158,10 @@ def class_saliency_maps(model: torch.nn.Module, x: torch.Tensor, num_classes: in
     """
     classes = list(range(num_classes))
     if len(x) <= batch_size:
-        return _rectified_maps(model, x, classes, on_class=lambda i: progress(i + 1, num_classes))
+        return input_saliency(model, x, classes, on_class=lambda i: progress(i + 1, num_classes))
     maps = []
     for target in classes:
-        maps.append(torch.cat([_rectified_maps(model, x[i:i + batch_size], [target])[0]
+        maps.append(torch.cat([input_saliency(model, x[i:i + batch_size], [target])[0]
                                for i in range(0, len(x), batch_size)]))
         progress(target + 1, num_classes)
     return torch.stack(maps)
