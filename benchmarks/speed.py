@@ -23,6 +23,7 @@ the existing speed.json, keeping the other ratios with the command that measured
 machine shared with other work, where the full run would take too long; with `--name` other than
 speed, into a file of its own, e.g. for a 43-class model). `--catches` also runs
 full TABOR and the cascade on more zoo models and records whether they flag the same classes.
+`--ranker hotspot` lets the saliency hotspot detector rank the classes instead of NeuronInspect.
 """
 
 from __future__ import annotations
@@ -60,14 +61,15 @@ def measure(model_path: str, data_path: str, detector: str, settings: dict, thre
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     if detector == "cascade":
-        # the whole `--mode fast` path: NeuronInspect, then TABOR on its suspects
+        # the whole `--mode fast` path: the ranker (NeuronInspect or hotspot), then TABOR on its suspects
         from scanner.scan import ScanSettings, run_detectors
 
+        ranker = settings.get("cascade", {}).get("ranker", "ni")
         both = run_detectors(loaded.module, data, loaded.num_classes,
-                             ScanSettings(detectors=("ni", "tabor"), mode="fast", detector_settings=settings),
+                             ScanSettings(detectors=(ranker, "tabor"), mode="fast", detector_settings=settings),
                              device)
         result = both["tabor"]
-        result.notes["ni_seconds"] = both["ni"].seconds
+        result.notes["ranker_seconds"] = both[ranker].seconds
     else:
         cls = DETECTORS[detector]
         result = cls(cls.settings_model(**settings), seed=0, device=device).scan(loaded.module, data,
@@ -110,14 +112,14 @@ def model_files(zoo: Path, model_id: str) -> tuple[Path, Path, dict]:
 
 
 def cascade_rows(zoo: Path, model_ids: list[str], threads: int, first: dict[str, tuple[dict, dict]],
-                 device: str = "cpu") -> list[dict]:
+                 device: str = "cpu", cascade: dict | None = None) -> list[dict]:
     """Full TABOR vs the cascade per model: flagged classes, whether the targets are caught, seconds.
     `first` holds runs already made (the speed model) so they are not repeated."""
     rows = []
     for model_id in model_ids:
         model_path, data_path, entry = model_files(zoo, model_id)
         full, fast = first.get(model_id) or (run(model_path, data_path, "tabor", {}, threads, device),
-                                             run(model_path, data_path, "cascade", {}, threads, device))
+                                             run(model_path, data_path, "cascade", cascade or {}, threads, device))
         targets = entry.get("targets") or []
         rows.append({"model_id": model_id, "targets": targets, "tabor_flagged": full["flagged"],
                      "cascade_flagged": fast["flagged"],
@@ -154,6 +156,7 @@ def main() -> int:
                         help="measure only full TABOR vs the cascade and merge into the existing speed.json")
     parser.add_argument("--catches", default="", help="more zoo model ids to compare full TABOR and the cascade on")
     parser.add_argument("--device", default="cpu", help="cpu or cuda; cuda writes speed_cuda.json")
+    parser.add_argument("--ranker", default="ni", choices=("ni", "hotspot"), help="who ranks the classes in the cascade")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default="speed", help="with --cascade-only: another name writes a result file of "
                                                         "its own instead of merging into speed.json")
@@ -163,11 +166,13 @@ def main() -> int:
 
     if args.cascade_only:
         tabor = run(model_path, data_path, "tabor", {}, args.threads, args.device)
-        cascade = run(model_path, data_path, "cascade", {}, args.threads, args.device)
-        rows = cascade_rows(args.zoo, [args.model, *more], args.threads, {args.model: (tabor, cascade)}, args.device)
+        cascade_settings = {"cascade": {"ranker": args.ranker}}
+        cascade = run(model_path, data_path, "cascade", cascade_settings, args.threads, args.device)
+        rows = cascade_rows(args.zoo, [args.model, *more], args.threads, {args.model: (tabor, cascade)}, args.device,
+                            cascade_settings)
         ratio = tabor["seconds"] / cascade["seconds"]
         section = (f"## Cascade (`--mode fast`), {args.threads} thread(s)\n\nFull TABOR {tabor['seconds']:.1f} s, cascade "
-                   f"{cascade['seconds']:.1f} s (NeuronInspect {cascade['notes']['ni_seconds']:.1f} s + TABOR on classes "
+                   f"{cascade['seconds']:.1f} s ({args.ranker} {cascade['notes']['ranker_seconds']:.1f} s + TABOR on classes "
                    f"{cascade['notes']['cascade']['restored_classes']}): tabor_over_cascade = {ratio:.2f}.\n\n"
                    + cascade_table(rows))
         figures_of_cascade = cascade_figures(args.threads, rows, tabor=tabor, cascade=cascade)
@@ -205,8 +210,10 @@ def main() -> int:
     device = args.device
     reports = {name: run(model_path, data_path, name, {}, args.threads, device) for name in ("ni", "nc", "tabor", "ncpp")}
     sequential = run(model_path, data_path, "nc", {"slots": 1}, args.threads, device)
-    cascade = run(model_path, data_path, "cascade", {}, args.threads, device)
-    rows = cascade_rows(args.zoo, [args.model, *more], args.threads, {args.model: (reports["tabor"], cascade)}, device)
+    cascade_settings = {"cascade": {"ranker": args.ranker}}
+    cascade = run(model_path, data_path, "cascade", cascade_settings, args.threads, device)
+    rows = cascade_rows(args.zoo, [args.model, *more], args.threads, {args.model: (reports["tabor"], cascade)}, device,
+                        cascade_settings)
     nc = reports["nc"]
     scan_rate = nc["restoration_images"] / nc["seconds"]
     ratios = {
@@ -218,7 +225,7 @@ def main() -> int:
     }
     default_scan = reports["ni"]["seconds"] + reports["tabor"]["seconds"]
     gpu = device != "cpu"
-    labelled = [*reports.items(), ("nc one class at a time", sequential), ("cascade (ni + tabor on suspects)", cascade)]
+    labelled = [*reports.items(), ("nc one class at a time", sequential), (f"cascade ({args.ranker} + tabor on suspects)", cascade)]
     rows_table = [[name, f"{r['seconds']:.1f}", f"{r['peak_rss_mb']:.0f}", *([f"{r['peak_gpu_mb']:.0f}"] if gpu else []),
                    r["flagged"]] for name, r in labelled]
     table = markdown_table(["detector", "seconds", "peak RSS MB", *(["peak GPU MB"] if gpu else []), "flagged"],

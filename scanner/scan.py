@@ -193,11 +193,11 @@ def run_detectors(model: torch.nn.Module, data: CleanData, num_classes: int, set
     cascade = None
     if settings.mode == "fast":
         # the NeuronInspect -> TABOR cascade (scanner/cascade.py): NI runs first, TABOR restores its suspects
-        from scanner.cascade import CascadeSettings, check_detectors
+        from scanner.cascade import CascadeSettings, choose_ranker
 
-        check_detectors(settings.detectors)
         cascade = CascadeSettings(**settings.detector_settings.get("cascade", {}))
-    order = sorted(settings.detectors, key=lambda name: name != "ni") if cascade else settings.detectors
+        ranker = choose_ranker(settings.detectors, cascade.ranker)
+    order = sorted(settings.detectors, key=lambda name: name != ranker) if cascade else settings.detectors
     results = {}
     for name in order:
         cls = DETECTORS[name]
@@ -214,7 +214,7 @@ def run_detectors(model: torch.nn.Module, data: CleanData, num_classes: int, set
         if cascade is not None and name == "tabor":
             from scanner.cascade import cascade_tabor
 
-            results[name] = cascade_tabor(detector, results["ni"], model, data, num_classes, cascade)
+            results[name] = cascade_tabor(detector, results[ranker], model, data, num_classes, cascade)
         else:
             results[name] = detector.scan(model, data, num_classes)
     return {name: results[name] for name in settings.detectors}  # the requested order, as in full mode
@@ -250,7 +250,7 @@ def save_artifacts(result: ScanResult, data: CleanData, out_dir: Path) -> None:
                 entry["mask_npy"] = str(Path(f"{base}_mask.npy").relative_to(out_dir))
                 entry["pattern_npy"] = str(Path(f"{base}_pattern.npy").relative_to(out_dir))
             if k in detection.heatmaps:
-                path = save_png(normalise_heatmap(detection.heatmaps[k]), out_dir / "saliency" / f"class_{k}.png")
+                path = save_png(normalise_heatmap(detection.heatmaps[k]), out_dir / "saliency" / name / f"class_{k}.png")
                 entry["saliency"] = str(path.relative_to(out_dir))
             if entry:
                 files[str(k)] = entry

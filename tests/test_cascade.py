@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from scanner.cascade import CascadeSettings, CascadeUsageError, reference_index, suspects
+from scanner.cascade import CascadeSettings, CascadeUsageError, choose_ranker, reference_index, suspects
 from scanner.data import CleanData
 from scanner.detectors.base import DetectionResult
 from scanner.model_io import load_model
@@ -62,13 +62,13 @@ def test_cascade_restores_only_the_suspects_and_catches_the_target(fast, full):
     # NI flags at most its top class here, so TABOR restores exactly top_k = 3 classes
     assert len(restored) == CascadeSettings().top_k == 3
     assert sorted(tabor.triggers) == restored == tabor.to_json()["restored_classes"]
-    assert restored == sorted(set(ni.flagged_classes) | set(tabor.notes["cascade"]["ni_ranking"][:3]))
+    assert restored == sorted(set(ni.flagged_classes) | set(tabor.notes["cascade"]["ranking"][:3]))
     assert TARGET in restored
     assert tabor.flagged_classes == [TARGET] and TARGET in full["tabor"].flagged_classes
     # one index per class; the classes TABOR did not restore are 0.0 ("not examined")
     assert len(tabor.anomaly_index) == 10
     assert all(tabor.anomaly_index[k] == 0.0 for k in range(10) if k not in restored)
-    assert tabor.notes["cascade"]["mode"] == "fast"
+    assert tabor.notes["cascade"]["mode"] == "fast" and tabor.notes["cascade"]["ranker"] == "ni"
     assert tabor.statistics["restored"].tolist() == [float(k in restored) for k in range(10)]
     # TABOR's pruning ran for the restored classes with their own targets (not row numbers)
     stats = tabor.notes["cascade"]["restored_statistics"][str(TARGET)]
@@ -90,6 +90,31 @@ def test_suspects_are_ni_flagged_classes_plus_its_top_k():
     ranking, chosen = suspects(ni, top_k=2)
     assert ranking == [3, 1, 4, 2, 0, 5]
     assert chosen == [1, 3, 5]
+
+
+def test_hotspot_ranks_by_its_ratio_high_first():
+    ratio = np.array([1.0, 4.0, 2.0, 9.0, 3.0])
+    hotspot = DetectionResult("hotspot", np.zeros(5), [], {"hotspot_ratio": ratio}, {}, 0, 0.1)
+    ranking, chosen = suspects(hotspot, top_k=2)
+    assert ranking == [3, 1, 4, 2, 0] and chosen == [1, 3]
+
+
+def test_ranker_is_hotspot_when_listed_else_ni():
+    assert choose_ranker(("ni", "tabor")) == "ni"
+    assert choose_ranker(("ni", "tabor", "hotspot")) == "hotspot"
+    assert choose_ranker(("ni", "tabor", "hotspot"), "ni") == "ni"
+    with pytest.raises(CascadeUsageError, match="hotspot,tabor"):
+        choose_ranker(("ni", "tabor"), "hotspot")
+
+
+def test_cascade_with_the_hotspot_ranker_catches_the_target(trojan):
+    _, _, loaded, data = trojan
+    settings = ScanSettings(detectors=("hotspot", "tabor"), mode="fast", detector_settings=QUICK | {"cascade": {"top_k": 2}})
+    both = run_detectors(loaded.module, data, loaded.num_classes, settings, torch.device("cpu"))
+    cascade = both["tabor"].notes["cascade"]
+    assert cascade["ranker"] == "hotspot"
+    assert cascade["ranking"][0] == TARGET and TARGET in both["tabor"].flagged_classes
+    assert list(both) == ["hotspot", "tabor"]
 
 
 def test_reference_index_is_mad_form_on_the_low_tail():

@@ -29,6 +29,13 @@ class), but 3 of 9 clean models get a class at index >= 2 (2.4, 2.7, 5.1): guide
 nearly the same for every class, so the MAD of the features is small and one class that is a
 little more concentrated stands out. With GTSRB weights and the median threshold the
 persistence term dominates and the trojan is missed.
+
+On the full zoos it finds almost nothing: `benchmarks/ni_variants.py` scores this detector and
+the alternatives the paper leaves open (plain gradients, persistence thresholds 0.9 and 0.98,
+either weight row) from one saliency pass; none catches more than 6 of the 20 Fashion-MNIST
+trojans. The trigger is in the saliency (the target class puts the largest share of its
+saliency on the trigger's pixels for nearly every fixed-position trojan), but the whole-map
+features cannot see it; `saliency_hotspot.py` compares classes pixel by pixel instead.
 """
 
 from __future__ import annotations
