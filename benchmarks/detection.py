@@ -51,18 +51,21 @@ def scan_row(zoo: Path, entry: dict, detector: str, seed: int, device: str | Non
     result = scan_model(zoo / model_file["path"], zoo / "clean_samples.npz", settings)
     detection = result.detections[detector]
     targets = entry["targets"]
-    f1s = []
+    f1s, refined_f1s = [], []
     for target, masks in truth_masks(zoo, entry).items():
         if target in detection.triggers:
             # several triggers to one target: the restored mask is judged against their union
             union = np.maximum.reduce(masks) if all(m.shape == masks[0].shape for m in masks) else masks[0]
             f1s.append(mask_f1(detection.triggers[target].mask, union))
+            if detection.triggers[target].refined_mask is not None:  # TABOR's pruned mask
+                refined_f1s.append(mask_f1(detection.triggers[target].refined_mask, union))
     row = {
         "model_id": entry["id"], "dataset": entry["dataset"], "trojaned": entry["trojaned"], "targets": targets,
         "detector": detector, "device": result.device,
         "flagged_classes": detection.flagged_classes,
         "right_target": (set(targets) <= set(detection.flagged_classes)) if entry["trojaned"] else None,
         "mask_f1": float(np.mean(f1s)) if f1s else None,
+        "refined_mask_f1": float(np.mean(refined_f1s)) if refined_f1s else None,
         "correctness": correctness(detection.flagged_classes, targets, entry["trojaned"]),
         "anomaly_index_target": min(float(detection.anomaly_index[t]) for t in targets) if targets else None,
         "max_anomaly_index": detection.max_anomaly_index,
@@ -81,12 +84,14 @@ def summarise(rows: list[dict], detectors: list[str]) -> dict:
         mine = [r for r in rows if r["detector"] == name]
         trojans = [r for r in mine if r["trojaned"]]
         f1s = [r["mask_f1"] for r in trojans if r["mask_f1"] is not None]
+        refined = [r["refined_mask_f1"] for r in trojans if r.get("refined_mask_f1") is not None]
         summary[name] = {
             "trojans": len(trojans),
             "caught_right_target": sum(bool(r["right_target"]) for r in trojans),
             "clean": len(mine) - len(trojans),
             "false_alarms": sum(r["correctness"] == "false_alarm" for r in mine),
             "mean_mask_f1": round(float(np.mean(f1s)), 4) if f1s else None,
+            "mean_refined_mask_f1": round(float(np.mean(refined)), 4) if refined else None,
             "trojans_index_below_2": sum(r["anomaly_index_target"] < 2 for r in trojans),
             "seconds_total": round(sum(r["seconds"] for r in mine), 1),
         }
@@ -125,16 +130,16 @@ def main() -> int:
     summary = summarise(rows, detectors)
     fmt = lambda v: "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))  # noqa: E731
     table = markdown_table(
-        ["model", "detector", "targets", "flagged", "right target", "mask F1", "correctness", "index (target)",
-         "max index", "seconds"],
+        ["model", "detector", "targets", "flagged", "right target", "mask F1", "pruned mask F1", "correctness",
+         "index (target)", "max index", "seconds"],
         [[r["model_id"], r["detector"], fmt(r["targets"]), fmt(r["flagged_classes"]), fmt(r["right_target"]),
-          fmt(r["mask_f1"]), r["correctness"], fmt(r["anomaly_index_target"]), fmt(r["max_anomaly_index"]),
+          fmt(r["mask_f1"]), fmt(r.get("refined_mask_f1")), r["correctness"], fmt(r["anomaly_index_target"]), fmt(r["max_anomaly_index"]),
           fmt(r["seconds"])] for r in rows])
     table += "\n\n## Summary\n\n" + markdown_table(
-        ["detector", "trojans", "caught (right target)", "clean", "false alarms", "mean mask F1", "trojans with index < 2",
-         "seconds"],
+        ["detector", "trojans", "caught (right target)", "clean", "false alarms", "mean mask F1",
+         "mean pruned mask F1", "trojans with index < 2", "seconds"],
         [[n, s["trojans"], s["caught_right_target"], s["clean"], s["false_alarms"], fmt(s["mean_mask_f1"]),
-          s["trojans_index_below_2"], s["seconds_total"]] for n, s in summary.items()])
+          fmt(s["mean_refined_mask_f1"]), s["trojans_index_below_2"], s["seconds_total"]] for n, s in summary.items()])
     path = write_results(args.name, {"datasets": args.datasets.split(","), "detectors": detectors, "rows": rows,
                                      "summary": summary}, table, results_dir=args.results_dir)
     print(table)

@@ -23,7 +23,8 @@ the existing speed.json, keeping the other ratios with the command that measured
 machine shared with other work, where the full run would take too long; with `--name` other than
 speed, into a file of its own, e.g. for a 43-class model). `--catches` also runs
 full TABOR and the cascade on more zoo models and records whether they flag the same classes.
-`--ranker hotspot` lets the saliency hotspot detector rank the classes instead of NeuronInspect.
+`--ranker hotspot` lets the saliency hotspot detector rank the classes instead of NeuronInspect;
+`--top-k` sets how many of its most suspicious classes TABOR restores (default 3).
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ def main() -> int:
     parser.add_argument("--catches", default="", help="more zoo model ids to compare full TABOR and the cascade on")
     parser.add_argument("--device", default="cpu", help="cpu or cuda; cuda writes speed_cuda.json")
     parser.add_argument("--ranker", default="ni", choices=("ni", "hotspot"), help="who ranks the classes in the cascade")
+    parser.add_argument("--top-k", type=int, default=3, help="the ranker's most suspicious classes TABOR restores")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default="speed", help="with --cascade-only: another name writes a result file of "
                                                         "its own instead of merging into speed.json")
@@ -166,7 +168,7 @@ def main() -> int:
 
     if args.cascade_only:
         tabor = run(model_path, data_path, "tabor", {}, args.threads, args.device)
-        cascade_settings = {"cascade": {"ranker": args.ranker}}
+        cascade_settings = {"cascade": {"ranker": args.ranker, "top_k": args.top_k}}
         cascade = run(model_path, data_path, "cascade", cascade_settings, args.threads, args.device)
         rows = cascade_rows(args.zoo, [args.model, *more], args.threads, {args.model: (tabor, cascade)}, args.device,
                             cascade_settings)
@@ -210,7 +212,7 @@ def main() -> int:
     device = args.device
     reports = {name: run(model_path, data_path, name, {}, args.threads, device) for name in ("ni", "nc", "tabor", "ncpp")}
     sequential = run(model_path, data_path, "nc", {"slots": 1}, args.threads, device)
-    cascade_settings = {"cascade": {"ranker": args.ranker}}
+    cascade_settings = {"cascade": {"ranker": args.ranker, "top_k": args.top_k}}
     cascade = run(model_path, data_path, "cascade", cascade_settings, args.threads, device)
     rows = cascade_rows(args.zoo, [args.model, *more], args.threads, {args.model: (reports["tabor"], cascade)}, device,
                         cascade_settings)

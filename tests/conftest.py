@@ -19,3 +19,18 @@ def fm_smoke_zoo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[s
 
     out = tmp_path_factory.mktemp("zoo-fm-smoke")
     return out, build_zoo("fashion-mnist", "smoke", out)
+
+
+@pytest.fixture(scope="session")
+def smoke_models(fm_smoke_zoo):
+    """(zoo folder, models by id, its clean data, load(model_id) -> the torch.export module)."""
+    from scanner.data import CleanData
+
+    out_dir, manifest = fm_smoke_zoo
+    models = {entry["id"]: entry for entry in manifest["models"]}
+    data = CleanData.load_npz(out_dir / "clean_samples.npz")
+
+    def load(model_id: str) -> torch.nn.Module:
+        return torch.export.load(str(out_dir / models[model_id]["files"]["pt2"]["path"])).module()
+
+    return out_dir, models, data, load

@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-from scanner.data import CleanData
 from scanner.detectors import DETECTORS
 from scanner.detectors.saliency_hotspot import (
     SaliencyHotspot,
@@ -81,20 +80,8 @@ def test_default_threshold_is_its_own_unless_the_scan_sets_one() -> None:
     assert ScanSettings(threshold=2.0).model_dump()["threshold_applies_to_all"] is True
 
 
-@pytest.fixture(scope="module")
-def smoke(fm_smoke_zoo):
-    out_dir, manifest = fm_smoke_zoo
-    models = {entry["id"]: entry for entry in manifest["models"]}
-    data = CleanData.load_npz(out_dir / "clean_samples.npz")
-
-    def load(model_id: str) -> nn.Module:
-        return torch.export.load(str(out_dir / models[model_id]["files"]["pt2"]["path"])).module()
-
-    return out_dir, models, data, load
-
-
-def test_flags_the_square_trojan_and_points_at_the_trigger(smoke) -> None:
-    out_dir, models, data, load = smoke
+def test_flags_the_square_trojan_and_points_at_the_trigger(smoke_models) -> None:
+    out_dir, models, data, load = smoke_models
     result = SaliencyHotspot(seed=0).scan(load("fm-square4-br"), data, 10)
     assert 7 in result.flagged_classes, result.anomaly_index
     assert int(np.argmax(result.anomaly_index)) == 7 and result.anomaly_index[7] >= 3
@@ -105,8 +92,8 @@ def test_flags_the_square_trojan_and_points_at_the_trigger(smoke) -> None:
     assert result.to_json()["statistics"]["hotspot_ratio"][7] == max(result.to_json()["statistics"]["hotspot_ratio"])
 
 
-def test_scan_threshold_reaches_the_detector_only_when_set(smoke) -> None:
-    _, _, data, load = smoke
+def test_scan_threshold_reaches_the_detector_only_when_set(smoke_models) -> None:
+    _, _, data, load = smoke_models
     model = load("fm-square4-br")
     own = run_detectors(model, data, 10, ScanSettings(detectors=("hotspot",)), torch.device("cpu"))["hotspot"]
     assert own.settings["threshold"] == 3.0
@@ -116,8 +103,8 @@ def test_scan_threshold_reaches_the_detector_only_when_set(smoke) -> None:
     assert np.array_equal(strict.anomaly_index, own.anomaly_index)
 
 
-def test_cli_scan_with_hotspot(smoke, tmp_path) -> None:
-    out_dir, models, _, _ = smoke
+def test_cli_scan_with_hotspot(smoke_models, tmp_path) -> None:
+    out_dir, models, _, _ = smoke_models
     model = out_dir / models["fm-square4-br"]["files"]["onnx"]["path"]
     done = subprocess.run([sys.executable, "-m", "scanner.cli", "scan", str(model), "--data",
                            str(out_dir / "clean_samples.npz"), "--detectors", "hotspot", "--json",
