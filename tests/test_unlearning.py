@@ -6,6 +6,7 @@ zoo model nor the fine-tune saw."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -155,6 +156,12 @@ def test_restoring_again_on_the_infected_model_keeps_a_small_working_trigger(smo
     assert entry["reached"] and entry["kept"] and entry["mask_l1"] <= entry["mask_l1_limit"], entry
     assert [t.target for t in found] == [target] and found[0].mask.shape == (28, 28)
     assert found[0].source.startswith("round 2")
+    # the size limit comes from the triggers the patch started with, not from those kept later
+    original = max(float(t.mask.sum()) for t in triggers if t.target == target)
+    assert entry["mask_l1_limit"] == pytest.approx(3 * original)
+    grown = [*triggers, dataclasses.replace(found[0], mask=np.ones_like(found[0].mask))]
+    _, again = restore_again(loaded.module, train, grown, round_number=3, seed=0, limit_from=triggers)
+    assert again["classes"][str(target)]["mask_l1_limit"] == pytest.approx(3 * original)
 
 
 def test_two_rounds_report_the_second_and_measure_every_trigger_used(smoke):
