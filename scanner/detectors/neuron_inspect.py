@@ -32,8 +32,9 @@ persistence term dominates and the trojan is missed.
 
 On the full zoos it finds almost nothing: `benchmarks/ni_variants.py` scores this detector and
 the alternatives the paper leaves open (plain gradients, persistence thresholds 0.9 and 0.98,
-either weight row) from one saliency pass; none catches more than 6 of the 20 Fashion-MNIST
-trojans. The trigger is in the saliency (the target class puts the largest share of its
+either weight row) from one saliency pass. As shipped it catches 1 of the 20 Fashion-MNIST and 0
+of the 13 signs trojans; no variant catches more than 6/20 (with 2 of 5 clean models flagged)
+and 1/13. The trigger is in the saliency (the target class puts the largest share of its
 saliency on the trigger's pixels for nearly every fixed-position trojan), but the whole-map
 features cannot see it; `saliency_hotspot.py` compares classes pixel by pixel instead.
 """
