@@ -171,8 +171,8 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--rounds", type=int, default=defaults.rounds, help="patch rounds (see UnlearnSettings)")
-    parser.add_argument("--reround-asr", type=float, default=defaults.reround_attack_success,
-                        help="attack success a re-restored trigger needs to be unlearned (see UnlearnSettings)")
+    parser.add_argument("--reround-asr", default=",".join(f"{v:g}" for v in defaults.reround_attack_success),
+                        help="attack successes the triggers are restored again at, comma-separated (see UnlearnSettings)")
     parser.add_argument("--finetune-images", type=int, default=10000, help="clean training images fine-tuned on")
     parser.add_argument("--out", type=Path, default=None, help="patched ONNX files (default: <zoo>/unlearned)")
     parser.add_argument("--name", default="unlearning", help="results file name")
@@ -189,7 +189,7 @@ def main() -> int:
             restore(args.zoo, entry)
         return 0
     settings = UnlearnSettings(epochs=args.epochs, share=args.share, lr=args.lr, seed=args.seed, rounds=args.rounds,
-                               reround_attack_success=args.reround_asr)
+                               reround_attack_success=tuple(float(v) for v in args.reround_asr.split(",")))
     data = load_zoo_data(manifest["dataset"], manifest["size"])
     finetune = finetune_set(data.train, args.finetune_images, args.seed)
     references = {}
