@@ -36,18 +36,16 @@ from scanner.anomaly import mad_anomaly_index  # noqa: E402
 from scanner.data import CleanData  # noqa: E402
 from scanner.detectors.neuron_inspect import (  # noqa: E402
     PAPER_WEIGHTS,
+    NeuronInspectSettings,
     choose_images,
-    combined_feature,
+    class_features,
     input_saliency,
     normalise_maps,
-    persistence_feature,
-    smoothness_feature,
-    sparseness_feature,
 )
 from scanner.detectors.saliency_hotspot import hotspot_scores  # noqa: E402
 from scanner.model_io import load_model  # noqa: E402
 
-NI_IMAGES = 100  # NeuronInspectSettings().images
+NI_IMAGES = NeuronInspectSettings().images
 
 
 def class_maps(model: torch.nn.Module, x: torch.Tensor, classes: int, rectified: bool) -> torch.Tensor:
@@ -58,10 +56,7 @@ def class_maps(model: torch.nn.Module, x: torch.Tensor, classes: int, rectified:
 
 
 def ni_scores(maps: torch.Tensor, weights: tuple[float, float, float], quantile: float) -> np.ndarray:
-    sparse = sparseness_feature(maps).mean(dim=1).numpy()
-    smooth = smoothness_feature(maps).mean(dim=1).numpy()
-    persistent = persistence_feature(maps, quantile).numpy()
-    return mad_anomaly_index(combined_feature(sparse, smooth, persistent, *weights), "low")
+    return mad_anomaly_index(class_features(maps, weights, quantile)["combined"], "low")
 
 
 def persistent(maps: torch.Tensor, labels: np.ndarray, leave_own_out: bool) -> torch.Tensor:

@@ -72,11 +72,6 @@ def choose_ranker(detectors: tuple[str, ...] | list[str], ranker: str = "auto") 
     return chosen
 
 
-def check_detectors(detectors: tuple[str, ...] | list[str]) -> None:
-    """Refuse the fast mode unless a ranker and TABOR are both requested."""
-    choose_ranker(detectors)
-
-
 class CascadeSettings(BaseModel):
     """Settings of the cascade, given as `ScanSettings.detector_settings["cascade"]`."""
 

@@ -257,10 +257,10 @@ def scan(
     if mode not in ("full", "fast"):
         usage(f"--mode must be full or fast, got {mode!r}")
     if mode == "fast":
-        from scanner.cascade import CascadeUsageError, check_detectors
+        from scanner.cascade import CascadeUsageError, choose_ranker
 
         try:
-            check_detectors(names)
+            choose_ranker(names)
         except CascadeUsageError as error:
             usage(str(error))
     means, stds = _float_list(mean, "--mean"), _float_list(std, "--std")

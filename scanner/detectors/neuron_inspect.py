@@ -234,6 +234,16 @@ def combined_feature(sparse: np.ndarray, smooth: np.ndarray, persistent: np.ndar
     return lambda_sp * np.asarray(sparse) + lambda_sm * np.asarray(smooth) + lambda_pe * np.asarray(persistent)
 
 
+def class_features(maps: torch.Tensor, weights: tuple[float, float, float], quantile: float) -> dict[str, np.ndarray]:
+    """Per class, from its normalised maps (classes, k, H, W): sparse and smooth averaged over the
+    k images, persistence over them, and their combination with weights (sp, sm, pe)."""
+    sparse = sparseness_feature(maps).mean(dim=1).cpu().numpy()
+    smooth = smoothness_feature(maps).mean(dim=1).cpu().numpy()
+    persistent = persistence_feature(maps, quantile).cpu().numpy()
+    return {"sparse": sparse, "smooth": smooth, "persistent": persistent,
+            "combined": combined_feature(sparse, smooth, persistent, *weights)}
+
+
 # ---------------------------------------------------------------- the detector
 
 def choose_images(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
@@ -272,18 +282,15 @@ class NeuronInspect(Detector):
         if not (raw > 0).any():
             raise TrojanScanError("NeuronInspect: the rectified saliency is zero for every class and image")
         maps = normalise_maps(raw).to(torch.float64)  # (classes, k, H, W)
-        sparse = sparseness_feature(maps).mean(dim=1).cpu().numpy()
-        smooth = smoothness_feature(maps).mean(dim=1).cpu().numpy()
-        persistent = persistence_feature(maps, settings.persistence_quantile).cpu().numpy()
-        combined = combined_feature(sparse, smooth, persistent, settings.lambda_sp, settings.lambda_sm,
-                                    settings.lambda_pe)
-        index = mad_anomaly_index(combined, tail="low")
+        statistics = class_features(maps, (settings.lambda_sp, settings.lambda_sm, settings.lambda_pe),
+                                    settings.persistence_quantile)
+        index = mad_anomaly_index(statistics["combined"], tail="low")
         heatmaps = maps.mean(dim=1).to(torch.float32).cpu().numpy()
         return DetectionResult(
             detector=self.name,
             anomaly_index=index,
             flagged_classes=flag(index, settings.threshold),
-            statistics={"sparse": sparse, "smooth": smooth, "persistent": persistent, "combined": combined},
+            statistics=statistics,
             settings=settings.model_dump(mode="json"),
             seed=self.seed,
             seconds=time.perf_counter() - started,
