@@ -1,6 +1,6 @@
 """Registry event to verdict, minus the detectors' own time, for versions registered at once.
 
-    python benchmarks/registry_latency.py [--versions 20] [--one-at-a-time 3]
+    python benchmarks/registry_latency.py [--versions 20] [--one-at-a-time 3] [--compare-cold]
 
 Starts the real stack on loopback (MLflow server, Prefect server, receiver, flow worker; the
 same launcher the end-to-end tests use), registers N versions of one model at the same moment
@@ -16,7 +16,9 @@ run's state history: trigger (version created -> flow run created: webhook, rece
 event and automation), queue (-> Pending: waiting for a worker slot, TROJANSCAN_WORKER_LIMIT),
 start-up (Pending -> Running: the run's process starts and imports the flow), in-run other
 (Running -> verdict, minus the detectors: download, sha256, loading and verifying the model,
-report, MLflow logging, tags). Writes benchmarks/results/registry_latency.{json,md}.
+report, MLflow logging, tags). `--compare-cold` first runs the same on a stack whose worker
+starts every scan in a fresh interpreter (Prefect's runner) instead of forking it from the warm
+parent (flows/warm_runner.py). Writes benchmarks/results/registry_latency.{json,md}.
 """
 
 from __future__ import annotations
@@ -105,9 +107,13 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def _run(poll: float, args: argparse.Namespace, zoo_dir: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """One fresh stack whose worker polls every `poll` s; both phases; one row per version."""
-    root = Path(tempfile.mkdtemp(prefix=f"trojanscan-latency-poll{poll:g}-"))
+def _run(runner: str, poll: float, args: argparse.Namespace, zoo_dir: Path, manifest: dict[str, Any],
+         cpu: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """One fresh stack whose worker runs scans `runner` (warm: forked from a parent with the
+    imports done; cold: Prefect's runner, a fresh interpreter per scan) and polls every `poll` s;
+    both phases; one row per version. Fills cpu[runner] with the CPU seconds each service used
+    from the burst's registration to its last verdict."""
+    root = Path(tempfile.mkdtemp(prefix=f"trojanscan-latency-{runner}-poll{poll:g}-"))
     env = stack.base_env(root)
     ports = {name: stack.free_port() for name in ("mlflow", "prefect", "receiver")}
     tracking_uri = f"http://127.0.0.1:{ports['mlflow']}"
@@ -116,12 +122,19 @@ def _run(poll: float, args: argparse.Namespace, zoo_dir: Path, manifest: dict[st
     env.update({"MLFLOW_TRACKING_URI": tracking_uri, "PREFECT_API_URL": api_url,
                 "TROJANSCAN_POLICY": str(root / "policy.yaml"), "TROJANSCAN_WORKDIR": str(root / "work"),
                 "TROJANSCAN_WEBHOOK_SECRET": SECRET, "TROJANSCAN_WATCH_INTERVAL": "3600",
-                "TROJANSCAN_WORKER_POLL": f"{poll:g}"})
-    services = [stack.mlflow_server(root, ports["mlflow"], env), stack.prefect_server(root, ports["prefect"], env),
-                stack.receiver(root, ports["receiver"], env), stack.worker(root, env)]
+                "TROJANSCAN_WORKER_POLL": f"{poll:g}", "TROJANSCAN_WORKER_WARM": str(int(runner == "warm"))})
+    services = []
+    prefect_env = env
+    if args.prefect_db == "postgres":
+        database, url = stack.postgres_cluster(root, stack.free_port())
+        services.append(database)
+        prefect_env = env | {"PREFECT_API_DATABASE_CONNECTION_URL": url}
+    services += [stack.mlflow_server(root, ports["mlflow"], env), stack.prefect_server(root, ports["prefect"], prefect_env),
+                 stack.receiver(root, ports["receiver"], env), stack.worker(root, env)]
     try:
         for service in services:
-            service.start()
+            if service.process is None:  # the database cluster is already up
+                service.start()
         import mlflow
         import onnx
         from mlflow import MlflowClient
@@ -155,11 +168,15 @@ def _run(poll: float, args: argparse.Namespace, zoo_dir: Path, manifest: dict[st
         for source in sources[:args.one_at_a_time]:
             phases[0][1].append(register(source))
             _wait_for_verdicts(registry, phases[0][1][-1:], args.timeout)
+        cpu_before = {service.name: service.cpu_seconds() for service in services}
+        started = time.monotonic()
         with ThreadPoolExecutor(8) as pool:
             phases.append(("at once", list(pool.map(register, sources[args.one_at_a_time:]))))
         _wait_for_verdicts(registry, phases[1][1], args.timeout)
+        cpu[runner] = {"wall_seconds": time.monotonic() - started,
+                       **{service.name: service.cpu_seconds() - cpu_before[service.name] for service in services}}
         with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as prefect_client:
-            return [_measure(registry, client, prefect_client, mode, version) | {"poll": poll}
+            return [_measure(registry, client, prefect_client, mode, version) | {"runner": runner, "poll": poll}
                     for mode, versions in phases for version in versions]
     finally:
         for service in reversed(services):
@@ -171,8 +188,12 @@ def main() -> int:
     parser.add_argument("--versions", type=int, default=20, help="versions registered at once")
     parser.add_argument("--one-at-a-time", type=int, default=3, help="versions registered one after another first")
     parser.add_argument("--poll", type=float, default=2.0, help="the worker's poll interval (TROJANSCAN_WORKER_POLL)")
-    parser.add_argument("--compare-poll", type=float, default=None,
-                        help="first run the same on a stack polling this often (Prefect's default: 10)")
+    parser.add_argument("--compare-cold", action="store_true",
+                        help="first run the same on a stack whose worker spawns a fresh interpreter per scan "
+                             "(Prefect's runner, TROJANSCAN_WORKER_WARM=0)")
+    parser.add_argument("--prefect-db", choices=("sqlite", "postgres"), default="sqlite",
+                        help="the Prefect server's database (postgres: a throwaway local cluster, as in deploy/compose.yaml)")
+    parser.add_argument("--name", default="registry_latency", help="results file name in benchmarks/results")
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args()
 
@@ -180,38 +201,49 @@ def main() -> int:
 
     zoo_dir = Path(tempfile.mkdtemp(prefix="trojanscan-latency-zoo-"))
     manifest = build_zoo("fashion-mnist", "smoke", zoo_dir)
-    baseline = _run(args.compare_poll, args, zoo_dir, manifest) if args.compare_poll else []
-    rows = _run(args.poll, args, zoo_dir, manifest)
-    at_once = _summary([r for r in rows if r["mode"] == "at once"])
-    alone = _summary([r for r in rows if r["mode"] == "one at a time"])
-    figures = {**at_once, "target_seconds": 15, "worker_limit": int(os.environ.get("TROJANSCAN_WORKER_LIMIT", "4")),
-               "worker_poll_seconds": args.poll, "one_at_a_time": alone}
-    if baseline:
-        figures["compare_poll"] = {"worker_poll_seconds": args.compare_poll,
-                                   "at_once": _summary([r for r in baseline if r["mode"] == "at once"]),
-                                   "one_at_a_time": _summary([r for r in baseline if r["mode"] == "one at a time"])}
+    runners = ["cold", "warm"] if args.compare_cold else ["warm"]
+    cpu: dict[str, dict[str, float]] = {}
+    rows = [row for runner in runners for row in _run(runner, args.poll, args, zoo_dir, manifest, cpu)]
+
+    def summaries(runner: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        mine = [r for r in rows if r["runner"] == runner]
+        return (_summary([r for r in mine if r["mode"] == "one at a time"]),
+                _summary([r for r in mine if r["mode"] == "at once"]))
+
+    alone, at_once = summaries("warm")
+    figures = {**at_once, "target_seconds": 15, "prefect_db": args.prefect_db, "worker_limit": int(os.environ.get("TROJANSCAN_WORKER_LIMIT", "4")),
+               "worker_poll_seconds": args.poll, "runner": "warm", "one_at_a_time": alone,
+               "burst_cpu_seconds": cpu}
+    if args.compare_cold:
+        cold_alone, cold_at_once = summaries("cold")
+        figures["cold"] = {"at_once": cold_at_once, "one_at_a_time": cold_alone}
+        if at_once["overhead_seconds"]["p50"] and cold_at_once["overhead_seconds"]["p50"]:
+            figures["cold_over_warm_p50"] = cold_at_once["overhead_seconds"]["p50"] / at_once["overhead_seconds"]["p50"]
 
     def cell(row: dict[str, Any], key: str) -> str:
         return f"{row[key]:.1f}" if key in row else "-"
 
     keys = ("total", "trigger", "queue", "startup", "in_run_other", "detectors", "overhead")
-    table = markdown_table(["poll s", "mode", "version", "status", "event to verdict s", "trigger s", "queue s",
+    table = markdown_table(["runner", "mode", "version", "status", "event to verdict s", "trigger s", "queue s",
                             "start-up s", "in-run other s", "detectors s", "overhead s"],
-                           [[f"{r['poll']:g}", r["mode"], r["version"], r["status"], *(cell(r, k) for k in keys)]
-                            for r in baseline + rows])
-    summaries = [(args.compare_poll, figures["compare_poll"]["one_at_a_time"], figures["compare_poll"]["at_once"])
-                 ] if baseline else []
-    summaries.append((args.poll, alone, at_once))
-    for poll, *both in summaries:
-        for label, summary in zip(("one at a time", "at once"), both):
+                           [[r["runner"], r["mode"], r["version"], r["status"], *(cell(r, k) for k in keys)]
+                            for r in rows])
+    for runner in runners:
+        for label, summary in zip(("one at a time", "at once"), summaries(runner)):
             o, m = summary["overhead_seconds"], summary["median_seconds"]
             if o["p50"] is None:
-                table += f"\n\npoll {poll:g} s, {label}: no version was decided"
+                table += f"\n\n{runner} runner, {label}: no version was decided"
                 continue
-            table += (f"\n\npoll {poll:g} s, {label}: {summary['decided']}/{summary['versions']} decided; overhead p50 "
+            table += (f"\n\n{runner} runner, {label}: {summary['decided']}/{summary['versions']} decided; overhead p50 "
                       f"{o['p50']:.1f} s, p95 {o['p95']:.1f} s, max {o['max']:.1f} s (target < 15 s each); medians: "
                       + ", ".join(f"{k} {v:.1f} s" for k, v in m.items()))
-    path = write_results("registry_latency", figures, table)
+    for runner, used in cpu.items():
+        table += (f"\n\n{runner} runner, CPU seconds used from the burst's registration to its last verdict "
+                  f"({used['wall_seconds']:.1f} s of wall time, {os.cpu_count()} cores): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in used.items() if k != "wall_seconds"))
+    if "cold_over_warm_p50" in figures:
+        table += f"\n\ncold / warm, p50 overhead of versions registered at once: {figures['cold_over_warm_p50']:.2f}"
+    path = write_results(args.name, figures, table)
     print(table)
     print(f"written: {path}")
     return 0 if at_once["decided"] == args.versions and alone["decided"] == args.one_at_a_time else 1

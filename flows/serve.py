@@ -26,20 +26,29 @@ def registry_trigger() -> DeploymentEventTrigger:
     )
 
 
-def serve_all(watch_interval: float | None = None, limit: int | None = None, poll: float | None = None) -> None:
+def serve_all(watch_interval: float | None = None, limit: int | None = None, poll: float | None = None,
+              warm: bool | None = None) -> None:
     """`limit` bounds the flow runs at once (each scan is a process holding a model and torch);
     the rest wait in Prefect as scheduled runs. `poll` is how often the runner looks for them:
-    Prefect's default (10 s) adds 5 s on average to every triggered scan, a query costs little."""
+    Prefect's default (10 s) adds 5 s on average to every triggered scan, a query costs little.
+    `warm` (default) runs the scans in processes forked from a parent that imported torch and
+    the scanner once (flows/warm_runner.py); otherwise Prefect's runner spawns a fresh
+    interpreter per scan, which pays the imports every time."""
     import os
 
     watch_interval = watch_interval or float(os.environ.get("TROJANSCAN_WATCH_INTERVAL", "60"))
     limit = limit or int(os.environ.get("TROJANSCAN_WORKER_LIMIT", "4"))
     poll = poll or float(os.environ.get("TROJANSCAN_WORKER_POLL", "2"))
-    serve(
-        scan_model_version.to_deployment(name="scan-model-version", triggers=[registry_trigger()]),
-        registry_watcher.to_deployment(name="registry-watcher", interval=watch_interval, concurrency_limit=1),
-        scan_file.to_deployment(name="scan-file"),
-        unlearn_retrain.to_deployment(name="unlearn-retrain"),
-        limit=limit,
-        query_seconds=poll,
-    )
+    if warm is None:
+        warm = os.environ.get("TROJANSCAN_WORKER_WARM", "1").lower() not in ("0", "false", "no")
+    scan_deployment = scan_model_version.to_deployment(name="scan-model-version", triggers=[registry_trigger()])
+    others = [registry_watcher.to_deployment(name="registry-watcher", interval=watch_interval, concurrency_limit=1),
+              scan_file.to_deployment(name="scan-file"),
+              unlearn_retrain.to_deployment(name="unlearn-retrain")]
+    if warm:
+        from flows.warm_runner import WarmRunner
+
+        WarmRunner("flows.scan_version:scan_model_version", scan_deployment.apply(), limit, poll).start()
+    else:
+        others.insert(0, scan_deployment)
+    serve(*others, limit=limit, query_seconds=poll)

@@ -196,12 +196,15 @@ def watch(
 
 
 @app.command()
-def worker() -> None:
+def worker(
+    cold: bool = typer.Option(False, "--cold", help="start every scan in a fresh interpreter (Prefect's runner) "
+                              "instead of forking it from this warm process (TROJANSCAN_WORKER_WARM=0)"),
+) -> None:
     """Serve the flows as deployments from this process (no work pool needed): scan-model-version
     with its event triggers, registry-watcher every minute, scan-file and unlearn-retrain."""
     from flows.serve import serve_all
 
-    serve_all()
+    serve_all(warm=False if cold else None)
 
 
 def _float_list(text: str | None, option: str) -> list[float] | None:

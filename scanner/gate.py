@@ -159,10 +159,16 @@ def guard(registry: Registry, policy: Policy, name: str) -> list[str]:
     hand, or by anything but the gate): the alias goes back to the newest clean version or is
     removed; a non-clean version in the target stage is archived. Returns what was done."""
     model_policy = policy.for_model(name)
+    target = model_policy.target
+    if target.alias is not None:
+        # one version holds an alias: when it is clean there is nothing to undo, and the gate's
+        # own promotions (each one an alias event) cost two reads instead of one per version
+        holder = registry.alias_version(name, target.alias)
+        if holder is None or registry.get_version(name, holder).status == "clean":
+            return []
     versions = registry.versions(name)
     clean = [v for v in versions if v.status == "clean"]
     actions = []
-    target = model_policy.target
     for info in versions:
         if info.status == "clean" or not holds_target(info, model_policy):
             continue

@@ -73,6 +73,21 @@ class Service:
                 pass
             self.process.wait(timeout=10)
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) used so far by the service's process group, its reaped
+        children included (Linux /proc; benchmarks read it before and after a phase)."""
+        if self.process is None:
+            return 0.0
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rpartition(")")[2].split()
+            except OSError:  # the process ended meanwhile
+                continue
+            if int(fields[2]) == self.process.pid:  # fields[2] is the process group
+                total += sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
+        return total / os.sysconf("SC_CLK_TCK")
+
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -103,6 +118,34 @@ def mlflow_server(root: Path, port: int, env: dict[str, str]) -> Service:
             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
             "--workers", "1"]
     return Service("mlflow", args, env, root, health=f"http://127.0.0.1:{port}/health", expect="OK")
+
+
+def postgres_cluster(root: Path, port: int, database: str = "prefect") -> tuple[Service, str]:
+    """A throwaway PostgreSQL cluster in root/postgres, started, with `database` created;
+    returns the service and the database's SQLAlchemy asyncpg URL (for PREFECT_API_DATABASE_
+    CONNECTION_URL). Benchmarks use it to run Prefect on the database of the compose stack.
+    Postgres refuses to run as root: then it runs as the `postgres` user."""
+    binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+    bin_dir = binaries[-1] if binaries else Path(shutil.which("initdb") or "initdb").parent
+    data = root / "postgres"
+    data.mkdir()
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        root.chmod(0o755)  # mkdtemp folders are 0700: the postgres user must reach its data folder
+        shutil.chown(data, "postgres")
+    subprocess.run(as_user + [str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    args = as_user + [str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), "-h", "127.0.0.1", "-k", str(data)]
+    service = Service("postgres", args, dict(os.environ), root).start()
+    deadline = time.monotonic() + 60
+    while subprocess.run([str(bin_dir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)]).returncode:
+        if time.monotonic() > deadline or service.process.poll() is not None:
+            service.stop()
+            raise RuntimeError(f"postgres did not start; log tail:\n{service.log_tail()}")
+        time.sleep(0.3)
+    subprocess.run([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", database],
+                   check=True, capture_output=True)
+    return service, f"postgresql+asyncpg://postgres@127.0.0.1:{port}/{database}"
 
 
 def prefect_server(root: Path, port: int, env: dict[str, str]) -> Service:

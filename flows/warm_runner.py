@@ -1,0 +1,157 @@
+"""Run one deployment's flow runs in processes forked from a warm parent (`trojanscan worker`).
+
+Prefect's runner (`serve`) starts every flow run in a freshly spawned interpreter that imports
+torch, onnx, MLflow and Prefect again: about 2.6 s of CPU on an idle 2-core machine, 5-6 s each
+when 20 scans start together (the start-up column of benchmarks/results/registry_latency.md),
+while the scan itself then takes under a second. Here a multiprocessing fork server imports
+those modules once and each flow run is forked from it in about 20 ms. Every scan is still its
+own process: a model that crashes its loader takes down only its own scan.
+
+The runner claims the deployment's due runs itself with the Pending proposal Prefect's runner
+makes, so two workers never start the same flow run, and the flow engine in the child reports
+states, logs and artifacts to the Prefect server as in any other run. Unlike Prefect's runner it
+does not cancel a running scan from the UI. A worker that dies leaves its runs Running; the
+version's claim then goes stale and the registry watcher requests the scan again.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import importlib
+import logging
+import multiprocessing
+import os
+import threading
+from datetime import datetime, timezone
+from uuid import UUID
+
+# imported once by the fork server, so a forked scan starts with them loaded
+PRELOAD = ["torch", "onnx", "onnxruntime", "onnx2torch", "mlflow", "jinja2", "prefect.flow_engine",
+           "scanner.scan", "scanner.detectors", "scanner.report", "scanner.gate", "flows.scan_version"]
+
+# scans yield the CPU to the servers that turn the next events into flow runs (Prefect's
+# automations, MLflow, the receiver), which share the machine in a single-host stack
+SCAN_NICENESS = 10
+
+logger = logging.getLogger("trojanscan.warm_runner")
+
+
+def _load_flow(flow_path: str):  # "module:attribute"
+    module, _, attribute = flow_path.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def execute_flow_run(flow_path: str, flow_run_id: str) -> None:
+    """In the forked child: run the claimed (Pending) flow run with Prefect's flow engine, then
+    send the queued logs and events (a forked child leaves with os._exit, skipping atexit)."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.worker import EventsWorker
+    from prefect.flow_engine import run_flow
+    from prefect.logging.handlers import APILogWorker
+
+    os.nice(SCAN_NICENESS)
+    try:
+        with get_client(sync_client=True) as client:
+            flow_run = client.read_flow_run(UUID(flow_run_id))
+        run_flow(_load_flow(flow_path), flow_run=flow_run, return_type="state")
+    finally:
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)
+
+
+class WarmRunner:
+    """Polls Prefect every `poll` s for due runs of `deployment_id` and runs at most `limit` at
+    once, each in a process forked from the warm server."""
+
+    def __init__(self, flow_path: str, deployment_id: UUID, limit: int = 4, poll: float = 2.0) -> None:
+        self.flow_path, self.deployment_id, self.poll = flow_path, deployment_id, poll
+        self.limit = limit
+        self.stopping = threading.Event()
+        self.wake = threading.Event()  # set when a slot frees: waiting runs start without waiting for the poll
+        self.context = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload(PRELOAD)
+        self.running: dict[UUID, threading.Thread] = {}
+
+    def start(self) -> threading.Thread:
+        """Start the fork server (the imports happen now, not on the first event) and the poller."""
+        warmup = self.context.Process(target=int)
+        warmup.start()
+        warmup.join()
+        # threads start with empty context variables: carry the caller's Prefect settings over
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(self._poll_forever,),
+                                  name="warm-runner", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+
+    def _poll_forever(self) -> None:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            while not self.stopping.is_set():
+                try:
+                    self.poll_once(client)
+                except Exception:  # a Prefect server restart must not end the worker
+                    logger.exception("polling Prefect for scheduled runs failed; retrying")
+                self.wake.wait(self.poll)
+                self.wake.clear()
+
+    def poll_once(self, client) -> list[UUID]:
+        """Claim and start the due runs that fit in the free slots; returns their ids."""
+        from prefect.states import Pending
+        from prefect.utilities.engine import propose_state_sync
+
+        free = self.limit - len(self.running)
+        if free <= 0:
+            return []
+        runs = client.get_scheduled_flow_runs_for_deployments(
+            [self.deployment_id], scheduled_before=datetime.now(timezone.utc), limit=free)
+        started = []
+        for run in sorted(runs, key=lambda r: r.next_scheduled_start_time or r.created):
+            if run.id in self.running:
+                continue
+            try:
+                claimed = propose_state_sync(client, Pending(), flow_run_id=run.id).is_pending()
+            except Exception as error:  # Abort: another runner claimed it first
+                logger.info("flow run %s not claimed: %s", run.id, error)
+                claimed = False
+            if not claimed:
+                continue
+            thread = threading.Thread(target=contextvars.copy_context().run, args=(self._supervise, run.id),
+                                      daemon=True)
+            self.running[run.id] = thread
+            thread.start()
+            started.append(run.id)
+        return started
+
+    def _supervise(self, flow_run_id: UUID) -> None:
+        """Fork the run's process, wait for it, and mark the run Crashed if it died unfinished."""
+        try:
+            process = self.context.Process(target=execute_flow_run, args=(self.flow_path, str(flow_run_id)),
+                                           name=f"flow-run-{flow_run_id}")
+            process.start()
+            process.join()
+            if process.exitcode != 0:
+                self._mark_crashed(flow_run_id, f"the scan process exited with code {process.exitcode}")
+        except Exception as error:
+            self._mark_crashed(flow_run_id, f"could not start the scan process: {error}")
+        finally:
+            self.running.pop(flow_run_id, None)
+            self.wake.set()
+
+    @staticmethod
+    def _mark_crashed(flow_run_id: UUID, message: str) -> None:
+        from prefect.client.orchestration import get_client
+        from prefect.states import Crashed
+        from prefect.utilities.engine import propose_state_sync
+
+        try:
+            with get_client(sync_client=True) as client:
+                if not client.read_flow_run(flow_run_id).state.is_final():
+                    propose_state_sync(client, Crashed(message=message), flow_run_id=flow_run_id)
+                    logger.error("flow run %s crashed: %s", flow_run_id, message)
+        except Exception:
+            logger.exception("could not mark flow run %s crashed", flow_run_id)

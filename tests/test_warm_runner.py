@@ -1,0 +1,110 @@
+"""The worker's warm runner (flows/warm_runner.py) against a real Prefect server: it claims a
+deployment's scheduled runs, runs each in its own forked process, respects its limit, and marks
+a run whose process died Crashed while it goes on serving."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+
+from tests import stack
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    root = tmp_path_factory.mktemp("warm-runner")
+    env = stack.base_env(root)
+    port = stack.free_port()
+    server = stack.prefect_server(root, port, env).start()
+    url = f"http://127.0.0.1:{port}/api"
+    saved = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url  # the fork server reads it when it starts
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:
+        server.stop()
+        if saved is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = saved
+
+
+def _deployment(flow_object) -> UUID:
+    return flow_object.to_deployment(name=f"{flow_object.name}-test").apply()
+
+
+def _schedule(deployment_id: UUID, parameters: dict, count: int = 1) -> list[UUID]:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return [client.create_flow_run_from_deployment(deployment_id, parameters=parameters).id for _ in range(count)]
+
+
+def _final_state(flow_run_id: UUID, timeout: float = 90):
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            state = client.read_flow_run(flow_run_id).state
+            if state is not None and state.is_final():
+                return state
+            time.sleep(0.5)
+    raise AssertionError(f"flow run {flow_run_id} did not finish within {timeout} s")
+
+
+def test_runs_scheduled_runs_in_forked_processes_within_its_limit(prefect_api: str, tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+
+    from flows.warm_runner import WarmRunner
+    from tests.warm_flows import writes_pid
+
+    deployment_id = _deployment(writes_pid)
+    pid_files = [tmp_path / f"pid-{k}" for k in range(2)]
+    runs = [_schedule(deployment_id, {"path": str(path)})[0] for path in pid_files]
+    runner = WarmRunner("tests.warm_flows:writes_pid", deployment_id, limit=1, poll=0.5)
+    with get_client(sync_client=True) as client:
+        first = runner.poll_once(client)
+        assert len(first) == 1, "a runner with limit 1 starts one run at a time"
+        assert runner.poll_once(client) == [], "no free slot while the first run is going"
+        assert _final_state(first[0]).is_completed()
+        deadline = time.monotonic() + 10
+        while runner.running and time.monotonic() < deadline:  # the supervisor frees the slot
+            time.sleep(0.1)
+        second = runner.poll_once(client)
+    assert set(first + second) == set(runs)
+    assert _final_state(second[0]).is_completed()
+    pids = {int(path.read_text()) for path in pid_files}
+    assert len(pids) == 2 and os.getpid() not in pids, "each run has its own process, not the worker's"
+
+
+def test_a_run_whose_process_dies_is_marked_crashed_and_the_runner_goes_on(prefect_api: str, tmp_path: Path) -> None:
+    from flows.warm_runner import WarmRunner
+    from tests.warm_flows import dies, writes_pid
+
+    dead = _schedule(_deployment(dies), {"code": 3})[0]
+    runner = WarmRunner("tests.warm_flows:dies", _deployment(dies), limit=2, poll=0.3)
+    runner.start()
+    try:
+        state = _final_state(dead)
+        assert state.is_crashed()
+        assert "exited with code 3" in (state.message or "")
+    finally:
+        runner.stop()
+    # the same process serves another deployment afterwards: the fork server survived the crash
+    deployment_id = _deployment(writes_pid)
+    ok = _schedule(deployment_id, {"path": str(tmp_path / "pid")})[0]
+    other = WarmRunner("tests.warm_flows:writes_pid", deployment_id, limit=1, poll=0.3)
+    other.start()
+    try:
+        assert _final_state(ok).is_completed()
+    finally:
+        other.stop()
