@@ -25,9 +25,9 @@ import threading
 from datetime import datetime, timezone
 from uuid import UUID
 
-# imported once by the fork server, so a forked scan starts with them loaded
-PRELOAD = ["torch", "onnx", "onnxruntime", "onnx2torch", "mlflow", "jinja2", "prefect.flow_engine",
-           "scanner.scan", "scanner.detectors", "scanner.report", "scanner.gate", "flows.scan_version"]
+# imported once by the fork server: a forked scan starts with its modules loaded and its
+# template compiled
+PRELOAD = ["flows.warm_preload"]
 
 # scans yield the CPU to the servers that turn the next events into flow runs (Prefect's
 # automations, MLflow, the receiver), which share the machine in a single-host stack

@@ -10,6 +10,7 @@ autoescaping; the only markup built in Python is the SVG chart, which escapes it
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, Template
 from markupsafe import Markup, escape
 
 from scanner.errors import TrojanScanError
@@ -313,13 +314,21 @@ def _unlearning_view(raw: Any) -> dict[str, Any] | None:
     return view
 
 
+@functools.cache
 def _environment() -> Environment:
+    """One Jinja environment per process, so the report template is compiled once (a warm
+    worker compiles it before forking its scans: flows/warm_runner.py)."""
     env = Environment(loader=FileSystemLoader(TEMPLATES_DIR), autoescape=True, undefined=StrictUndefined,
                       trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = lambda v, digits=2: "n/a" if _number(v) is None else f"{_number(v):.{digits}f}"
     env.filters["pct"] = lambda v: "n/a" if _number(v) is None else f"{100 * _number(v):.1f}%"
     env.filters["plain"] = _plain
     return env
+
+
+def report_template() -> Template:
+    """The compiled report template (compiled on first use, then cached by the environment)."""
+    return _environment().get_template("report.html.j2")
 
 
 def _plain(value: Any) -> str:
@@ -364,7 +373,7 @@ def render_report(result: dict[str, Any], base_dir: Path, ground_truth: dict[str
         "unlearning": unlearning,
         "detector_names": DETECTOR_NAMES,
     }
-    return _environment().get_template("report.html.j2").render(**context)
+    return report_template().render(**context)
 
 
 def write_report(result_json_path: str | Path, out_html: str | Path, base_dir: str | Path | None = None,
