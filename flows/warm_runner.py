@@ -9,9 +9,10 @@ own process: a model that crashes its loader takes down only its own scan.
 
 The runner claims the deployment's due runs itself with the Pending proposal Prefect's runner
 makes, so two workers never start the same flow run, and the flow engine in the child reports
-states, logs and artifacts to the Prefect server as in any other run. Unlike Prefect's runner it
-does not cancel a running scan from the UI. A worker that dies leaves its runs Running; the
-version's claim then goes stale and the registry watcher requests the scan again.
+states, logs and artifacts to the Prefect server as in any other run. A run cancelled from the
+Prefect UI or API (state Cancelling) has its process killed at the next poll and ends Cancelled;
+the version keeps its `running` claim until it goes stale, and the registry watcher then requests
+the scan again. A worker that dies leaves its runs Running, with the same outcome.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ class WarmRunner:
         self.wake = threading.Event()  # set when a slot frees: waiting runs start without waiting for the poll
         self.context = multiprocessing.get_context("forkserver")
         self.context.set_forkserver_preload(PRELOAD)
-        self.running: dict[UUID, threading.Thread] = {}
+        self.running: dict[UUID, multiprocessing.process.BaseProcess | None] = {}  # None until forked
+        self.cancelled: set[UUID] = set()
 
     def start(self) -> threading.Thread:
         """Start the fork server (the imports happen now, not on the first event) and the poller."""
@@ -94,6 +96,7 @@ class WarmRunner:
             while not self.stopping.is_set():
                 try:
                     self.poll_once(client)
+                    self.stop_cancelled(client)
                 except Exception:  # a Prefect server restart must not end the worker
                     logger.exception("polling Prefect for scheduled runs failed; retrying")
                 self.wake.wait(self.poll)
@@ -120,38 +123,62 @@ class WarmRunner:
                 claimed = False
             if not claimed:
                 continue
-            thread = threading.Thread(target=contextvars.copy_context().run, args=(self._supervise, run.id),
-                                      daemon=True)
-            self.running[run.id] = thread
-            thread.start()
+            self.running[run.id] = None
+            threading.Thread(target=contextvars.copy_context().run, args=(self._supervise, run.id), daemon=True).start()
             started.append(run.id)
         return started
 
+    def stop_cancelled(self, client) -> list[UUID]:
+        """Kill the processes of running runs that someone asked to cancel (the Prefect UI or API
+        set them Cancelling); their supervisors then mark them Cancelled. Returns their ids."""
+        from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, FlowRunFilterState,
+                                                    FlowRunFilterStateType)
+        from prefect.client.schemas.objects import StateType
+
+        active = [run_id for run_id, process in list(self.running.items()) if process is not None]
+        if not active:
+            return []
+        cancelling = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=active), state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CANCELLING]))))
+        for run in cancelling:
+            self.cancelled.add(run.id)
+            process = self.running.get(run.id)
+            if process is not None:
+                process.kill()
+        return [run.id for run in cancelling]
+
     def _supervise(self, flow_run_id: UUID) -> None:
-        """Fork the run's process, wait for it, and mark the run Crashed if it died unfinished."""
+        """Fork the run's process and wait for it; a run whose process was stopped on request
+        ends Cancelled, one whose process died unfinished ends Crashed."""
+        from prefect.states import Cancelled, Crashed
+
         try:
             process = self.context.Process(target=execute_flow_run, args=(self.flow_path, str(flow_run_id)),
                                            name=f"flow-run-{flow_run_id}")
             process.start()
+            self.running[flow_run_id] = process
             process.join()
-            if process.exitcode != 0:
-                self._mark_crashed(flow_run_id, f"the scan process exited with code {process.exitcode}")
+            if flow_run_id in self.cancelled:
+                self._finish(flow_run_id, Cancelled(message="cancelled: the scan process was stopped"))
+            elif process.exitcode != 0:
+                self._finish(flow_run_id, Crashed(message=f"the scan process exited with code {process.exitcode}"))
         except Exception as error:
-            self._mark_crashed(flow_run_id, f"could not start the scan process: {error}")
+            self._finish(flow_run_id, Crashed(message=f"could not start the scan process: {error}"))
         finally:
             self.running.pop(flow_run_id, None)
+            self.cancelled.discard(flow_run_id)
             self.wake.set()
 
     @staticmethod
-    def _mark_crashed(flow_run_id: UUID, message: str) -> None:
+    def _finish(flow_run_id: UUID, state) -> None:
+        """Give a run whose process is gone its final state, unless it reported one itself."""
         from prefect.client.orchestration import get_client
-        from prefect.states import Crashed
         from prefect.utilities.engine import propose_state_sync
 
         try:
             with get_client(sync_client=True) as client:
                 if not client.read_flow_run(flow_run_id).state.is_final():
-                    propose_state_sync(client, Crashed(message=message), flow_run_id=flow_run_id)
-                    logger.error("flow run %s crashed: %s", flow_run_id, message)
+                    propose_state_sync(client, state, flow_run_id=flow_run_id)
+                    logger.warning("flow run %s: %s", flow_run_id, state.message)
         except Exception:
-            logger.exception("could not mark flow run %s crashed", flow_run_id)
+            logger.exception("could not set the final state of flow run %s", flow_run_id)

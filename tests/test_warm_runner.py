@@ -108,3 +108,40 @@ def test_a_run_whose_process_dies_is_marked_crashed_and_the_runner_goes_on(prefe
         assert _final_state(ok).is_completed()
     finally:
         other.stop()
+
+
+def test_a_run_cancelled_in_prefect_has_its_process_stopped(prefect_api: str, tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    from flows.warm_runner import WarmRunner
+    from tests.warm_flows import sleeps
+
+    deployment_id = _deployment(sleeps)
+    pid_file = tmp_path / "pid"
+    run_id = _schedule(deployment_id, {"path": str(pid_file)})[0]
+    runner = WarmRunner("tests.warm_flows:sleeps", deployment_id, limit=1, poll=0.3)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        pid = int(pid_file.read_text())
+        with get_client(sync_client=True) as client:  # what the UI's cancel button does
+            client.set_flow_run_state(run_id, Cancelling())
+        state = _final_state(run_id, timeout=30)  # the flow itself would sleep 120 s
+        assert state.is_cancelled()
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(pid), "the scan process is gone"
+    finally:
+        runner.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False

@@ -17,3 +17,11 @@ def writes_pid(path: str) -> None:
 @flow(name="warm-test-dies")
 def dies(code: int = 3) -> None:
     os._exit(code)  # what a crashing native loader looks like from outside: no state reported
+
+
+@flow(name="warm-test-sleeps")
+def sleeps(path: str, seconds: float = 120) -> None:
+    import time
+
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(seconds)
