@@ -162,9 +162,9 @@ def guard(registry: Registry, policy: Policy, name: str) -> list[str]:
     target = model_policy.target
     if target.alias is not None:
         # one version holds an alias: when it is clean there is nothing to undo, and the gate's
-        # own promotions (each one an alias event) cost two reads instead of one per version
-        holder = registry.alias_version(name, target.alias)
-        if holder is None or registry.get_version(name, holder).status == "clean":
+        # own promotions (each one an alias event) cost one read instead of one per version
+        holder = registry.alias_holder(name, target.alias)
+        if holder is None or holder.status == "clean":
             return []
     versions = registry.versions(name)
     clean = [v for v in versions if v.status == "clean"]

@@ -193,8 +193,7 @@ class Registry:
         if ref.version:
             return self.get_version(ref.name, ref.version)
         if ref.alias:
-            found = self._call(f"resolving {ref}", self.client.get_model_version_by_alias, ref.name, ref.alias)
-            return self.get_version(ref.name, str(found.version))
+            return self._info(self._call(f"resolving {ref}", self.client.get_model_version_by_alias, ref.name, ref.alias))
         in_stage = [v for v in self.versions(ref.name) if v.stage.lower() == (ref.stage or "").lower()]
         if not in_stage:
             raise RegistryError(f"{ref}: no version of {ref.name!r} is in stage {ref.stage!r}")
@@ -208,15 +207,20 @@ class Registry:
     def registered_models(self) -> list[str]:
         return sorted(m.name for m in self._call("listing registered models", self.client.search_registered_models))
 
-    def alias_version(self, name: str, alias: str) -> str | None:
+    def alias_holder(self, name: str, alias: str) -> VersionInfo | None:
+        """The version holding `alias` (tags included), or None when no version holds it."""
         from mlflow.exceptions import MlflowException
 
         try:
-            return str(self.client.get_model_version_by_alias(name, alias).version)
+            return self._info(self.client.get_model_version_by_alias(name, alias))
         except MlflowException as error:
             if _is_connection_error(error):
                 raise RegistryUnavailable(f"MLflow at {self.tracking_uri} unreachable while reading @{alias}") from error
             return None
+
+    def alias_version(self, name: str, alias: str) -> str | None:
+        holder = self.alias_holder(name, alias)
+        return holder.version if holder else None
 
     # -- tags, aliases, stages --------------------------------------------------------------
     def set_tags(self, name: str, version: str, tags: dict[str, Any]) -> None:

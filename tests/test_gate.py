@@ -183,6 +183,8 @@ def test_guard_moves_a_hand_set_target_back(local_registry: dict[str, Any]) -> N
     assert registry.alias_version("gate-model", "champion") == clean
     assert "trojanscan.guard" in registry.get_version("gate-model", trojan).tags
     assert guard(registry, local_registry["policy"], "gate-model") == [], "a clean holder is left alone"
+    holder = registry.resolve("models:/gate-model@champion")  # one read: the alias lookup carries the tags
+    assert (holder.version, holder.status, "champion" in holder.aliases) == (clean, "clean", True)
 
 
 def test_missing_data_unknown_version_and_uncovered_model_never_promote(local_registry: dict[str, Any], tmp_path: Path) -> None:
