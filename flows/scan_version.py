@@ -12,25 +12,8 @@ from prefect.states import Failed
 from flows.config import FlowConfig
 from flows.locking import claim_lock
 from flows.reporting import PrefectReporter
-from scanner.gate import guard, scan_version
-from scanner.policy import Policy
+from scanner.gate import event_action, guard, scan_version
 from scanner.registry import RegistryUnavailable
-
-
-def _action(event: str, alias: str | None, policy: Policy, name: str) -> str:
-    """What an event asks for: `scan`, `guard` (someone set the target alias: undo it if the
-    version is not clean), `ignore` (an alias or a new version the policy does not act on), or
-    `skip` (the model is not covered by the policy)."""
-    if not policy.covers(name):
-        return "skip"
-    model_policy = policy.for_model(name)
-    if event.endswith("model_version_alias.created"):
-        if alias == model_policy.request.alias:
-            return "scan"
-        return "guard" if alias == model_policy.target.alias else "ignore"
-    if event.endswith("model_version.created"):
-        return "scan" if model_policy.request.on_register else "ignore"
-    return "scan"  # manual, watcher, patched: the caller asks for a scan
 
 
 @flow(name="scan-model-version", flow_run_name="scan {name} v{version}")
@@ -42,7 +25,7 @@ def scan_model_version(name: str, version: str, event: str = "manual", alias: st
     logger = get_run_logger()
     config = FlowConfig()
     registry, policy = config.registry(), config.load_policy()
-    action = _action(event, alias, policy, name)
+    action = event_action(event, alias, policy, name)
     if action in ("skip", "ignore"):
         logger.info("%s v%s: %s %s", name, version, event, "(model not in the policy)" if action == "skip" else "needs nothing")
         return {"name": name, "version": version, "status": "skipped" if action == "skip" else "ignored"}

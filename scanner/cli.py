@@ -137,6 +137,10 @@ def serve(
     port: int = typer.Option(8686, help="port"),
     secret_env: str = typer.Option("TROJANSCAN_WEBHOOK_SECRET", help="environment variable holding the secret"),
     replay_db: Path = typer.Option(Path("trojanscan-deliveries.sqlite"), help="seen delivery ids (survives restarts)"),
+    policy: Path = typer.Option(None, envvar="TROJANSCAN_POLICY",
+                                help="the flows' policy: with it, the gate's own promotions (the target alias set on "
+                                     "a clean version) are acknowledged without starting a flow run"),
+    tracking_uri: str = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="the MLflow server (with --policy)"),
 ) -> None:
     """Receive MLflow webhooks (POST /webhooks/mlflow) and emit Prefect events for them."""
     import uvicorn
@@ -145,8 +149,44 @@ def serve(
     from scanner.receiver import create_app
     from scanner.webhooks import ReplayGuard
 
-    app_ = create_app(_secret(secret_env), emit_delivery, ReplayGuard(replay_db))
+    settled = None
+    if policy is not None:
+        settled = _settled_check(policy, tracking_uri)
+    app_ = create_app(_secret(secret_env), emit_delivery, ReplayGuard(replay_db), settled=settled)
     uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+def _settled_check(policy_path: Path, tracking_uri: str | None) -> Any:
+    """The receiver's check for deliveries that need no flow run (scanner.gate.settled_promotion).
+    Its registry reads give up fast: a slow or absent MLflow only means the delivery is emitted."""
+    import os
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    from scanner.gate import settled_promotion
+    from scanner.policy import load_policy
+    from scanner.registry import Registry
+
+    try:
+        load_policy(policy_path)  # a bad policy stops the receiver at start, not at the first delivery
+    except TrojanScanError as error:
+        fail(error)
+    registry = Registry(tracking_uri)
+    cached: dict[str, Any] = {}
+
+    def current_policy() -> Any:
+        """The policy as the next flow run would read it (reloaded when the file changes)."""
+        stamp = policy_path.stat().st_mtime_ns
+        if cached.get("stamp") != stamp:
+            cached.update(stamp=stamp, policy=load_policy(policy_path))
+        return cached["policy"]
+
+    def settled(delivery: Any) -> str | None:
+        data = delivery.data
+        return settled_promotion(registry, current_policy(), delivery.event_name, str(data.get("name", "")),
+                                 str(data.get("version", "")), data.get("alias"))
+
+    return settled
 
 
 @webhook_app.command("register")

@@ -153,6 +153,38 @@ def pending_requests(registry: Registry, policy: Policy) -> list[Request]:
     return found
 
 
+# -- what a registry event asks for ------------------------------------------------------------
+def event_action(event: str, alias: str | None, policy: Policy, name: str) -> str:
+    """What an event asks for: `scan`, `guard` (someone set the target alias: undo it if the
+    version is not clean), `ignore` (an alias or a new version the policy does not act on), or
+    `skip` (the model is not covered by the policy)."""
+    if not policy.covers(name):
+        return "skip"
+    model_policy = policy.for_model(name)
+    if event.endswith("model_version_alias.created"):
+        if alias == model_policy.request.alias:
+            return "scan"
+        return "guard" if alias == model_policy.target.alias else "ignore"
+    if event.endswith("model_version.created"):
+        return "scan" if model_policy.request.on_register else "ignore"
+    return "scan"  # manual, watcher, patched: the caller asks for a scan
+
+
+def settled_promotion(registry: Registry, policy: Policy, event: str, name: str, version: str,
+                      alias: str | None) -> str | None:
+    """Why an alias event needs no flow run, or None when it does. The one case: the target
+    alias set on a version that holds it now and is `clean`. That is the gate's own promotion
+    (or a hand move to a clean version), which the guard would leave alone; every clean verdict
+    raises one such event. Any later move of the alias raises its own event, so answering from
+    the registry now loses nothing; the watcher's guard runs on its schedule as well."""
+    if event_action(event, alias, policy, name) != "guard" or alias is None:
+        return None
+    holder = registry.alias_holder(name, alias)
+    if holder is None or holder.version != str(version) or holder.status != "clean":
+        return None
+    return f"{name} v{version} holds @{alias} and is clean: nothing to guard"
+
+
 # -- the guard --------------------------------------------------------------------------------
 def guard(registry: Registry, policy: Policy, name: str) -> list[str]:
     """Undo a target alias or stage found on a version that is not `clean` (moved there by

@@ -3,7 +3,9 @@
 POST /webhooks/mlflow: verify (signature, age, replay), then hand the delivery to `emit`
 (a Prefect event in production) and answer at once; the scan itself runs in a flow. Events the
 product does not act on (tags, registered models) are acknowledged and dropped. GET /health
-answers `OK`. A delivery whose emission fails is answered 503 and its id forgotten, so MLflow's
+answers `OK`. Given a policy, `trojanscan serve` also acknowledges without an event the
+deliveries that need no flow run (`scanner.gate.settled_promotion`: the gate's own promotions).
+A delivery whose emission fails is answered 503 and its id forgotten, so MLflow's
 retry (or the watcher's poll) still gets the request through: nothing is lost.
 
 Nothing slow runs on the event loop, so /health answers while deliveries are in flight: the
@@ -50,13 +52,17 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
 
 
 def create_app(secret: str, emit: Callable[[Delivery], Any], replay: ReplayGuard | None = None,
-               max_age: float = 300) -> Starlette:
+               max_age: float = 300, settled: Callable[[Delivery], str | None] | None = None) -> Starlette:
     """The receiver app; `emit` turns an accepted delivery into a scan request and raises when
-    it could not (a coroutine function is awaited, a plain one runs in a worker thread)."""
+    it could not (a coroutine function is awaited, a plain one runs in a worker thread).
+
+    `settled` (optional, run in a worker thread) returns why a verified delivery needs no flow
+    run, or None; such a delivery is acknowledged without an event. When it fails (the registry
+    is unreachable) the delivery is emitted as usual: the flow decides then."""
     if not secret:
         raise ValueError("the receiver needs the webhook secret")
     replay = replay or ReplayGuard(max_age=max_age)
-    counts = {"accepted": 0, "rejected": 0, "ignored": 0, "failed": 0}
+    counts = {"accepted": 0, "rejected": 0, "ignored": 0, "settled": 0, "failed": 0}
     emit_is_async = inspect.iscoroutinefunction(emit) or inspect.iscoroutinefunction(getattr(emit, "__call__", None))
 
     async def emit_once(delivery: Delivery) -> None:
@@ -84,6 +90,15 @@ def create_app(secret: str, emit: Callable[[Delivery], Any], replay: ReplayGuard
         if (delivery.entity, delivery.action) not in SUPPORTED:
             counts["ignored"] += 1
             return JSONResponse({"status": "ignored", "event": delivery.event_name})
+        if settled is not None:
+            try:
+                reason = await run_in_threadpool(settled, delivery)
+            except Exception as error:  # noqa: BLE001 - the flow decides instead
+                log.warning("settled check of %s failed, emitting it: %s", delivery.delivery_id, error)
+                reason = None
+            if reason:
+                counts["settled"] += 1
+                return JSONResponse({"status": "settled", "event": delivery.event_name, "reason": reason})
         try:
             await emit_once(delivery)
         except Exception as error:  # Prefect unreachable: let MLflow retry, the watcher also polls

@@ -8,6 +8,7 @@ and stages of product.md's MLflow contract.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -140,14 +141,35 @@ def _is_store_race(error: BaseException) -> bool:
     return any(text in str(error) for text in ("UNIQUE constraint failed", "database is locked", "Deadlock found"))
 
 
+@functools.cache
+def _client_class() -> type:
+    """MlflowClient that asks the server once per registered model, not once per call, whether
+    the name is a prompt. MLflow checks that before every registry write and alias read (a GET
+    of the registered model each time: 13 of the 60 requests of a scan); a registered model does
+    not turn into a prompt while a flow runs. Overrides MLflow's private `_raise_if_prompt`: if
+    a release renames it, the override is simply not called and every check runs again."""
+    from mlflow import MlflowClient
+
+    class CheckedOnceClient(MlflowClient):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._not_prompts: set[str] = set()
+
+        def _raise_if_prompt(self, name: str) -> None:
+            if name not in self._not_prompts:
+                super()._raise_if_prompt(name)
+                self._not_prompts.add(name)
+
+    return CheckedOnceClient
+
+
 class Registry:
     """An MLflow tracking server + model registry (or a local `sqlite:///` store)."""
 
     def __init__(self, tracking_uri: str | None = None, registry_uri: str | None = None) -> None:
-        from mlflow import MlflowClient
-
         self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=registry_uri or self.tracking_uri)
+        self.client = _client_class()(tracking_uri=self.tracking_uri, registry_uri=registry_uri or self.tracking_uri)
+        self._experiment_ids: dict[str, str] = {}  # a scan asks three times; an id never changes
 
     def _call(self, what: str, function: Any, *args: Any, **kwargs: Any) -> Any:
         """Call the MLflow client, sorting failures into unavailable (transient) or not found.
@@ -312,6 +334,11 @@ class Registry:
 
     # -- scan runs ----------------------------------------------------------------------------
     def experiment_id(self, name: str) -> str:
+        if name not in self._experiment_ids:
+            self._experiment_ids[name] = self._find_or_create_experiment(name)
+        return self._experiment_ids[name]
+
+    def _find_or_create_experiment(self, name: str) -> str:
         found = self._call(f"reading experiment {name}", self.client.get_experiment_by_name, name)
         if found is not None:
             return found.experiment_id

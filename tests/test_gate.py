@@ -127,6 +127,27 @@ def test_receiver_app_emits_only_verified_new_deliveries(tmp_path: Path) -> None
     assert healed.post("/webhooks/mlflow", content=BODY, headers=headers).status_code == 200  # MLflow's retry gets through
 
 
+def test_receiver_acknowledges_settled_deliveries_and_emits_when_the_check_fails(tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+
+    from scanner.receiver import create_app
+
+    emitted: list[Any] = []
+    settled = TestClient(create_app("s3cret", emitted.append, ReplayGuard(tmp_path / "a.sqlite"),
+                                    settled=lambda delivery: f"v{delivery.data['version']} is clean"))
+    answer = settled.post("/webhooks/mlflow", content=BODY, headers=_headers("s3cret", BODY))
+    assert (answer.status_code, answer.json()["status"], emitted) == (200, "settled", [])
+    assert settled.get("/stats").json()["settled"] == 1
+
+    def unreachable(delivery: Any) -> str | None:
+        raise ConnectionError("mlflow down")
+
+    checked = TestClient(create_app("s3cret", emitted.append, ReplayGuard(tmp_path / "b.sqlite"), settled=unreachable))
+    answer = checked.post("/webhooks/mlflow", content=BODY, headers=_headers("s3cret", BODY))
+    assert (answer.status_code, answer.json()["status"]) == (200, "accepted")
+    assert [d.data["version"] for d in emitted] == ["2"], "a failed check emits: the flow decides"
+
+
 # -- the gate on a local store --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def local_registry(tmp_path_factory: pytest.TempPathFactory, fm_smoke_zoo: tuple[Path, dict[str, Any]]) -> dict[str, Any]:
@@ -170,14 +191,19 @@ def test_gate_promotes_clean_blocks_trojan_and_never_scans_twice(local_registry:
 
 
 def test_guard_moves_a_hand_set_target_back(local_registry: dict[str, Any]) -> None:
-    from scanner.gate import guard
+    from scanner.gate import guard, settled_promotion
 
     registry = Registry(local_registry["uri"])
     versions = local_registry["versions"]
     clean, trojan = versions["fm-clean-s0"], versions["fm-square4-br"]
     if registry.get_version("gate-model", clean).status != "clean":
         pytest.fail("test order: the gate test must run first")  # keeps the two steps honest
+    policy, event = local_registry["policy"], "trojanscan.mlflow.model_version_alias.created"
+    assert settled_promotion(registry, policy, event, "gate-model", clean, "champion"), "the gate's own promotion"
     registry.set_alias("gate-model", "champion", trojan)
+    assert settled_promotion(registry, policy, event, "gate-model", trojan, "champion") is None
+    assert settled_promotion(registry, policy, event, "gate-model", clean, "champion") is None, "no longer the holder"
+    assert settled_promotion(registry, policy, event, "gate-model", clean, "candidate") is None, "a request"
     actions = guard(registry, local_registry["policy"], "gate-model")
     assert len(actions) == 1 and f"moved back to v{clean}" in actions[0]
     assert registry.alias_version("gate-model", "champion") == clean
