@@ -12,8 +12,9 @@ detectors' time is subtracted anyway, and a short scan keeps the flows overlappi
 Two phases in one run, side by side: first `--one-at-a-time` versions, each registered after
 the previous one's verdict (the overhead of one request on an idle stack), then `--versions`
 registered at once (the target's case). Each version's time is split with the Prefect flow
-run's state history: trigger (version created -> flow run created: webhook, receiver, Prefect
-event and automation), queue (-> Pending: waiting for a worker slot, TROJANSCAN_WORKER_LIMIT),
+run's state history: trigger (version created -> flow run created), split by the time the
+Prefect API received the event into delivery (MLflow's webhook and the receiver) and automation
+(Prefect's trigger and run-deployment action), queue (-> Pending: waiting for a worker slot, TROJANSCAN_WORKER_LIMIT),
 start-up (Pending -> Running: the run's process starts and imports the flow), in-run other
 (Running -> verdict, minus the detectors: download, sha256, loading and verifying the model,
 report, MLflow logging, tags). `--compare-cold` first runs the same on a stack whose worker
@@ -76,7 +77,20 @@ def _state_times(prefect_client: Any, version: str) -> dict[str, float]:
     return times
 
 
-def _measure(registry: Any, client: Any, prefect_client: Any, mode: str, version: str) -> dict[str, Any]:
+def _event_received(api_url: str, version: str) -> float | None:
+    """When the Prefect API took the version's `model_version.created` event (epoch s), or None."""
+    import httpx
+
+    answer = httpx.post(f"{api_url}/events/filter", timeout=30, json={"limit": 5, "filter": {
+        "event": {"name": ["trojanscan.mlflow.model_version.created"]},
+        "resource": {"id": [f"mlflow.model-version.latency.{version}"]}}})
+    events = answer.json().get("events", []) if answer.status_code == 200 else []
+    if not events:
+        return None
+    return min(datetime.fromisoformat(e["received"].replace("Z", "+00:00")).timestamp() for e in events)
+
+
+def _measure(registry: Any, client: Any, prefect_client: Any, mode: str, version: str, api_url: str) -> dict[str, Any]:
     info = registry.get_version("latency", version)
     status = info.tags.get("trojanscan.status")
     row: dict[str, Any] = {"mode": mode, "version": version, "status": status}
@@ -91,6 +105,9 @@ def _measure(registry: Any, client: Any, prefect_client: Any, mode: str, version
     if {"created", "pending", "running"} <= times.keys():
         row.update(trigger=times["created"] - created, queue=times["pending"] - times["created"],
                    startup=times["running"] - times["pending"], in_run_other=verdict_at - times["running"] - detectors)
+        received = _event_received(api_url, version)
+        if received is not None:  # the trigger, split: MLflow's delivery + receiver, then Prefect's automation
+            row.update(delivery=received - created, automation=times["created"] - received)
     return row
 
 
@@ -101,7 +118,7 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "p50": float(np.percentile(overheads, 50)) if overheads else None,
         "p95": float(np.percentile(overheads, 95)) if overheads else None,
         "max": float(max(overheads)) if overheads else None}}
-    parts = ("trigger", "queue", "startup", "in_run_other", "detectors")
+    parts = ("trigger", "delivery", "automation", "queue", "startup", "in_run_other", "detectors")
     summary["median_seconds"] = {part: float(np.median([r[part] for r in decided if part in r]))
                                  for part in parts if any(part in r for r in decided)}
     return summary
@@ -176,7 +193,7 @@ def _run(runner: str, poll: float, args: argparse.Namespace, zoo_dir: Path, mani
         cpu[runner] = {"wall_seconds": time.monotonic() - started,
                        **{service.name: service.cpu_seconds() - cpu_before[service.name] for service in services}}
         with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as prefect_client:
-            return [_measure(registry, client, prefect_client, mode, version) | {"runner": runner, "poll": poll}
+            return [_measure(registry, client, prefect_client, mode, version, api_url) | {"runner": runner, "poll": poll}
                     for mode, versions in phases for version in versions]
     finally:
         for service in reversed(services):
@@ -223,8 +240,9 @@ def main() -> int:
     def cell(row: dict[str, Any], key: str) -> str:
         return f"{row[key]:.1f}" if key in row else "-"
 
-    keys = ("total", "trigger", "queue", "startup", "in_run_other", "detectors", "overhead")
-    table = markdown_table(["runner", "mode", "version", "status", "event to verdict s", "trigger s", "queue s",
+    keys = ("total", "trigger", "delivery", "automation", "queue", "startup", "in_run_other", "detectors", "overhead")
+    table = markdown_table(["runner", "mode", "version", "status", "event to verdict s", "trigger s",
+                            "of which delivery s", "of which automation s", "queue s",
                             "start-up s", "in-run other s", "detectors s", "overhead s"],
                            [[r["runner"], r["mode"], r["version"], r["status"], *(cell(r, k) for k in keys)]
                             for r in rows])
