@@ -1,7 +1,7 @@
 """Patching (unlearning) over the trojaned zoo models: CA and ASR before and after, true trigger.
 
     python benchmarks/unlearning.py [--zoo zoo/fashion-mnist] [--models ID,...] [--restore-only]
-                                    [--epochs N --share S --lr LR --finetune-images N] [--name unlearning]
+                                    [--epochs N --share S --lr LR --finetune-images N] [--jobs N] [--name unlearning]
 
 For every trojaned model of the zoo:
 
@@ -19,7 +19,8 @@ For every trojaned model of the zoo:
 
 The fine-tune set is a seeded class-balanced subset of the zoo's clean training images (the
 defender's clean training data in the TABOR paper's threat model; the poisoned copies the zoo
-model was trained with are not used). Runs with one thread. Writes
+model was trained with are not used). Each model is patched with one thread; `--jobs N` patches N
+models at once in forked processes. Writes
 benchmarks/results/<name>.json and .md.
 """
 
@@ -28,8 +29,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +163,15 @@ def patch_row(zoo: Path, entry: dict, data, finetune: CleanData, settings: Unlea
     }
 
 
+_JOB: dict = {}  # what every patch of one run shares; set before the worker processes fork
+
+
+def _patch_job(entry: dict) -> dict:
+    torch.set_num_threads(1)
+    return patch_row(_JOB["zoo"], entry, _JOB["data"], _JOB["finetune"], _JOB["settings"], _JOB["references"],
+                     _JOB["out_dir"])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", type=Path, default=Path("zoo/fashion-mnist"))
@@ -173,9 +185,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=defaults.rounds, help="patch rounds (see UnlearnSettings)")
     parser.add_argument("--reround-asr", default=",".join(f"{v:g}" for v in defaults.reround_attack_success),
                         help="attack successes the triggers are restored again at, comma-separated (see UnlearnSettings)")
-    parser.add_argument("--finetune-images", type=int, default=10000, help="clean training images fine-tuned on")
+    parser.add_argument("--finetune-images", type=int, default=20000,
+                        help="clean training images fine-tuned on (the defender's clean data; 20000 of the 60000)")
     parser.add_argument("--out", type=Path, default=None, help="patched ONNX files (default: <zoo>/unlearned)")
     parser.add_argument("--name", default="unlearning", help="results file name")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="models patched at once, each in its own process with one thread (2 on 2 cores)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     manifest = load_manifest(args.zoo)
@@ -198,13 +213,20 @@ def main() -> int:
             references[entry["arch"]] = load_model(args.zoo / entry["files"]["onnx"]["path"]).module
     out_dir = args.out or args.zoo / "unlearned"
     rows = []
-    for entry in trojans:
-        row = patch_row(args.zoo, entry, data, finetune, settings, references, out_dir)
-        rows.append(row)
-        print(f"{row['model_id']:28s} CA {row['ca_before']:.4f} -> {row['ca_after']:.4f}  "
-              f"ASR {row['asr_before']:.4f} -> {row['asr_after']:.4f} (clean model {row['asr_clean_reference']:.4f}, "
-              f"correct-only {row['asr_after_correct_only']:.4f})  {row['patched_with']} {row['triggers']}  "
-              f"{row['seconds']:.0f} s", flush=True)
+    if args.jobs > 1:
+        for entry in trojans:  # restorations first, one at a time: they share a cache folder
+            restore(args.zoo, entry)
+    _JOB.update(zoo=args.zoo, data=data, finetune=finetune, settings=settings, references=references, out_dir=out_dir)
+    # fork: the workers inherit the loaded data and reference models instead of pickling them
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max(1, args.jobs), mp_context=context) as pool:
+        results = pool.map(_patch_job, trojans) if args.jobs > 1 else map(_patch_job, trojans)
+        for row in results:
+            rows.append(row)
+            print(f"{row['model_id']:28s} CA {row['ca_before']:.4f} -> {row['ca_after']:.4f}  "
+                  f"ASR {row['asr_before']:.4f} -> {row['asr_after']:.4f} (clean model {row['asr_clean_reference']:.4f}, "
+                  f"correct-only {row['asr_after_correct_only']:.4f})  {row['patched_with']} {row['triggers']}  "
+                  f"{row['seconds']:.0f} s", flush=True)
     summary = {
         "max_asr_after": max(r["asr_after"] for r in rows),
         "max_ca_drop": max(r["ca_drop"] for r in rows),

@@ -39,7 +39,11 @@ Choices, all in `UnlearnSettings` unless said otherwise:
   worst case. Whole Fashion-MNIST zoo, true-trigger ASR after (1 round / 3 rounds at 0.99 /
   at 0.5 / both): <= 2% on 6 / 10 / 10 / 9 of 20 models, worst 37.6 / 20.9 / 13.3 / 5.2%, mean
   8.1 / 3.2 / 2.5 / 2.0%; CA within 1 point on 19/20 in every case
-  (benchmarks/results/unlearning.md).
+  (benchmarks/results/unlearning_10k_rounds3.md). `rounds` is 5 since: with 20000 fine-tune images
+  the three hard models fm-watermark14-centre, fm-multi-one-target and fm-blend-square6-br went
+  from 6.3 / 3.4 / 2.9% (3 rounds) to 2.4 / 2.8 / 2.6% (5 rounds), the others unchanged; whole zoo
+  with 5 rounds: <= 2% on 13 of 20, worst 3.5%, mean 1.6%, CA within 1 point on 20/20
+  (benchmarks/results/unlearning.md). Rounds end early once one keeps no new trigger.
 - **Mode**: the module stays in eval mode while it is fine-tuned: batch-norm statistics are kept
   as trained (a few hundred clean images would only add noise to them) and dropout is off; a
   `torch.export` program refuses `.train()` anyway. Gradients reach the weights of both an
@@ -97,7 +101,7 @@ class UnlearnSettings(BaseModel):
         (0.99, 0.5), min_length=1, max_length=4,
         description="attack successes a trigger restored again on the patched model is restored at (one restoration "
                     "each); each one within the size limit is unlearned too")
-    rounds: int = Field(3, ge=1, le=10, description="patch rounds; from the second on, the targets' triggers are "
+    rounds: int = Field(5, ge=1, le=10, description="patch rounds; from the second on, the targets' triggers are "
                                                     "restored again on the patched model and those that still "
                                                     "work are unlearned too")
     seed: int = 0
