@@ -37,6 +37,27 @@ def mask_f1(restored: np.ndarray, truth: np.ndarray, threshold: float = MASK_THR
     return float(f1.max())
 
 
+def paper_mask_f1(restored: np.ndarray, truth: np.ndarray) -> float:
+    """TABOR's fidelity F1 (section V-B) on the restored mask as it is, not binarised:
+    precision = ||M * M_t||_1 / ||M||_1, recall = ||M * M_t||_1 / ||M_t||_1,
+    F1 = 2 * precision * recall / (precision + recall), with M the restored mask in [0, 1] and M_t
+    the ground-truth mask (any value > 0 counts as 1). A truth smaller than the image is slid over
+    every position, as in `mask_f1`. 0 when either mask is empty or nothing overlaps."""
+    restored = np.asarray(restored, dtype=np.float64)
+    truth = (np.asarray(truth) > 0).astype(np.float64)
+    total, area = restored.sum(), truth.sum()
+    if total <= 0 or area <= 0:
+        return 0.0
+    if truth.shape == restored.shape:
+        overlap = np.array([(restored * truth).sum()])
+    else:
+        windows = sliding_window_view(restored, truth.shape)
+        overlap = (windows * truth).sum(axis=(2, 3)).ravel()
+    precision, recall = overlap / total, overlap / area
+    f1 = np.where(overlap > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
+    return float(f1.max())
+
+
 def correctness(flagged: list[int], targets: list[int], trojaned: bool) -> Correctness:
     """TABOR Table I's symbols: every target flagged and nothing else (success), every target plus
     extra classes (success_extra), something flagged but a target missed (wrong_class), nothing

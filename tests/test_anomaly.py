@@ -45,6 +45,22 @@ def test_mask_f1_on_known_masks():
     assert mask_f1(moved, np.ones((2, 2))) == pytest.approx(1.0)
 
 
+def test_paper_mask_f1_uses_the_mask_values():
+    from scanner.metrics import paper_mask_f1
+
+    truth = np.zeros((6, 6))
+    truth[4:6, 4:6] = 1
+    restored = np.zeros((6, 6))
+    restored[4:6, 4:6] = 0.5  # all inside the truth, half strength: precision 1, recall 2/4
+    restored[0, 0] = 1.0  # one stray pixel: precision 2/3
+    precision, recall = 2 / 3, 2 / 4
+    assert paper_mask_f1(restored, truth) == pytest.approx(2 * precision * recall / (precision + recall))
+    assert paper_mask_f1(np.zeros((6, 6)), truth) == 0.0
+    moved = np.zeros((6, 6))
+    moved[1:3, 0:2] = 1  # a random-position trigger's patch counts wherever it is
+    assert paper_mask_f1(moved, np.ones((2, 2))) == pytest.approx(1.0)
+
+
 def test_correctness_symbols():
     from scanner.metrics import correctness
 
