@@ -117,19 +117,31 @@ def finetune_set(train: CleanData, images: int, seed: int) -> CleanData:
     return train.subset(np.sort(index))
 
 
-def flipped_asr(module, evaluation: CleanData, truths: list[TrueTrigger]) -> float:
-    """Worst true-trigger ASR counted only on non-target images the model gets right without the
-    trigger (natural confusions into the target class are left out)."""
+def asr_parts(module, evaluation: CleanData, truths: list[TrueTrigger]) -> dict[str, float]:
+    """Where a true trigger's ASR comes from, each figure the worst over the true triggers:
+
+    - `correct_only`: ASR counted only on non-target images the model gets right without the
+      trigger;
+    - `no_trigger`: the share of non-target images the model puts in the target class with NO
+      trigger at all (its natural confusions into that class; no patch of the trigger can take
+      ASR below the part of it that stays in the target once stamped);
+    - `flipped`: the share sent to the target by the trigger, i.e. put elsewhere without it.
+
+    ASR = (images in the target both with and without the trigger) + `flipped`."""
     from scanner.training import predict
 
-    correct = predict(module, evaluation.x) == evaluation.y
-    worst = 0.0
+    clean_prediction = predict(module, evaluation.x)
+    correct = clean_prediction == evaluation.y
+    parts = {"correct_only": 0.0, "no_trigger": 0.0, "flipped": 0.0}
     for index, truth in enumerate(truths):
         keep = evaluation.y != truth.target
         triggered = attacks.triggered_set(evaluation, truth.trigger, truth.target, seed=index)
         hits = predict(module, triggered.x) == truth.target
-        worst = max(worst, float(hits[correct[keep]].mean()))
-    return worst
+        already = clean_prediction[keep] == truth.target
+        for name, value in (("correct_only", hits[correct[keep]].mean()), ("no_trigger", already.mean()),
+                            ("flipped", (hits & ~already).mean())):
+            parts[name] = max(parts[name], float(value))
+    return parts
 
 
 def patch_row(zoo: Path, entry: dict, data, finetune: CleanData, settings: UnlearnSettings,
@@ -146,6 +158,7 @@ def patch_row(zoo: Path, entry: dict, data, finetune: CleanData, settings: Unlea
                              data.evaluation.x[:64])
     reference = measure(references[entry["arch"]], data.evaluation, outcome.triggers, truths)
     before, after = outcome.before, outcome.after
+    parts_after = asr_parts(outcome.module, data.evaluation, truths)
     return {
         "model_id": entry["id"], "arch": entry["arch"], "targets": entry["targets"],
         "flagged_classes": json.loads(result_path.read_text())["flagged_classes"], "patched_with": how,
@@ -156,8 +169,12 @@ def patch_row(zoo: Path, entry: dict, data, finetune: CleanData, settings: Unlea
         "ca_drop": before.clean_accuracy - after.clean_accuracy,
         "asr_after_per_trigger": after.asr_true,
         "asr_restored_before": before.max_asr_restored, "asr_restored_after": after.max_asr_restored,
-        "asr_after_correct_only": flipped_asr(outcome.module, data.evaluation, truths),
+        "asr_after_correct_only": parts_after["correct_only"],
+        "no_trigger_to_target_after": parts_after["no_trigger"],
+        "flipped_by_trigger_after": parts_after["flipped"],
         "asr_clean_reference": reference.max_asr_true,
+        "no_trigger_to_target_clean_reference": asr_parts(references[entry["arch"]], data.evaluation,
+                                                          truths)["no_trigger"],
         "export_max_abs_difference": written["max_abs_logit_difference"],
         "seconds": round(seconds, 2),
     }
@@ -236,20 +253,29 @@ def main() -> int:
         "ca_target_met": sum(r["ca_drop"] <= CA_DROP_TARGET for r in rows),
         "max_asr_after_correct_only": max(r["asr_after_correct_only"] for r in rows),
         "max_asr_clean_reference": max(r["asr_clean_reference"] for r in rows),
+        "max_flipped_by_trigger_after": max(r["flipped_by_trigger_after"] for r in rows),
+        "models_no_trigger_above_asr_target": sum(r["no_trigger_to_target_after"] > ASR_TARGET for r in rows),
         "targets": {"asr_after": ASR_TARGET, "ca_drop": CA_DROP_TARGET},
     }
     pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
     table = markdown_table(
         ["model", "targets", "flagged", "CA before", "CA after", "CA drop", "ASR before", "ASR after",
-         "ASR after (correct only)", "clean-model ASR", "restored-trigger ASR after", "seconds"],
+         "ASR after (correct only)", "no trigger -> target after", "flipped by trigger after", "clean-model ASR",
+         "clean model no trigger -> target", "restored-trigger ASR after", "seconds"],
         [[r["model_id"], r["targets"], r["flagged_classes"], pct(r["ca_before"]), pct(r["ca_after"]),
           pct(r["ca_drop"]), pct(r["asr_before"]), pct(r["asr_after"]), pct(r["asr_after_correct_only"]),
-          pct(r["asr_clean_reference"]), pct(r["asr_restored_after"]), f"{r['seconds']:.0f}"] for r in rows])
+          pct(r["no_trigger_to_target_after"]), pct(r["flipped_by_trigger_after"]), pct(r["asr_clean_reference"]),
+          pct(r["no_trigger_to_target_clean_reference"]), pct(r["asr_restored_after"]), f"{r['seconds']:.0f}"]
+         for r in rows])
     table += (f"\n\nAll figures in %, true trigger(s), measured on {len(data.evaluation)} held-out test images; "
               f"fine-tuned on {len(finetune)} clean training images with {settings.model_dump()}.\n\n"
               f"Summary: max ASR after {pct(summary['max_asr_after'])}% (target <= {pct(ASR_TARGET)}), "
               f"{summary['asr_target_met']}/{len(rows)} models meet it; max CA drop {pct(summary['max_ca_drop'])} "
-              f"points (target <= {pct(CA_DROP_TARGET)}), {summary['ca_target_met']}/{len(rows)} meet it.")
+              f"points (target <= {pct(CA_DROP_TARGET)}), {summary['ca_target_met']}/{len(rows)} meet it.\n\n"
+              f"'no trigger -> target': non-target images put in the target class with no trigger at all (worst "
+              f"target); {summary['models_no_trigger_above_asr_target']}/{len(rows)} patched models are above the ASR "
+              f"target on that alone. 'flipped by trigger': images the trigger sends to the target that go elsewhere "
+              f"without it; worst {pct(summary['max_flipped_by_trigger_after'])}%.")
     path = write_results(args.name, {"zoo": str(args.zoo), "settings": settings.model_dump(),
                                      "finetune_images": len(finetune), "evaluation_images": len(data.evaluation),
                                      "rows": rows, "summary": summary}, table)
