@@ -32,6 +32,12 @@ def cache_key(sha256: str, settings: ScanSettings) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def truth_union(masks: list[np.ndarray]) -> np.ndarray:
+    """Several triggers to one target: the restored mask is judged against their union (masks of
+    random-position triggers, patch-sized, are not combined: the first one counts)."""
+    return np.maximum.reduce(masks) if all(m.shape == masks[0].shape for m in masks) else masks[0]
+
+
 def truth_masks(zoo: Path, entry: dict) -> dict[int, list[np.ndarray]]:
     masks: dict[int, list[np.ndarray]] = {}
     for trigger in entry["ground_truth"]:
@@ -54,8 +60,7 @@ def scan_row(zoo: Path, entry: dict, detector: str, seed: int, device: str | Non
     f1s, refined_f1s = [], []
     for target, masks in truth_masks(zoo, entry).items():
         if target in detection.triggers:
-            # several triggers to one target: the restored mask is judged against their union
-            union = np.maximum.reduce(masks) if all(m.shape == masks[0].shape for m in masks) else masks[0]
+            union = truth_union(masks)
             f1s.append(mask_f1(detection.triggers[target].mask, union))
             if detection.triggers[target].refined_mask is not None:  # TABOR's pruned mask
                 refined_f1s.append(mask_f1(detection.triggers[target].refined_mask, union))

@@ -35,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.detection import truth_union  # noqa: E402
 from benchmarks.results_file import markdown_table, write_results  # noqa: E402
 from benchmarks.unlearning import restore  # noqa: E402
 from scanner import attacks  # noqa: E402
@@ -69,11 +70,6 @@ def visible_truth(trigger: attacks.Trigger, x: np.ndarray, seed: int) -> tuple[n
     return attacks.full_mask(trigger, hw) > 0, full
 
 
-def union(masks: list[np.ndarray]) -> np.ndarray:
-    """Several triggers to one target are judged against their union (as detection.py does)."""
-    return np.logical_or.reduce(masks) if all(m.shape == masks[0].shape for m in masks) else masks[0]
-
-
 def model_rows(zoo: Path, entry: dict, x: np.ndarray) -> list[dict]:
     result_path = restore(zoo, entry)
     detector = json.loads(result_path.read_text())["detectors"]["tabor"]
@@ -83,7 +79,7 @@ def model_rows(zoo: Path, entry: dict, x: np.ndarray) -> list[dict]:
         truths.setdefault(target, []).append(visible_truth(trigger, x, seed=index))
     rows = []
     for target, pairs in sorted(truths.items()):
-        truth, visible = union([p[0] for p in pairs]), union([p[1] for p in pairs])
+        truth, visible = truth_union([p[0] for p in pairs]), truth_union([p[1] for p in pairs])
         restored = np.load(result_path.parent / detector["artifacts"][str(target)]["mask_npy"])
         share = float(visible.sum() / truth.sum())
         rows.append({
