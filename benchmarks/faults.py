@@ -21,7 +21,9 @@ When the events are done the stack is left to settle (no more kills), then the r
   or created under `faults-new`) whose status is not clean / infected / error;
 - double scans: finished scan runs beyond the first per (model sha256, settings);
 - bad promotions: versions holding a target alias or stage whose status is not `clean`.
-Writes benchmarks/results/faults.{json,md}.
+Beside them, request to verdict: seconds from each version's first request to its verdict tag
+(p50 / p95 / max, and the five slowest with their request's clock time, to read beside the kill
+log): how long a request waits when services die under it. Writes benchmarks/results/faults.{json,md}.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -123,12 +127,18 @@ class Killer(threading.Thread):
 
 
 def drive_events(registry: Registry, sources: dict[str, list[tuple[str, str, str]]], count: int,
-                 rng: random.Random, pace: float) -> tuple[Counter[str], dict[str, set[str]], dict[str, set[str]]]:
-    """Random registry events; returns counts per kind, the versions requested and all versions."""
+                 rng: random.Random, pace: float, first_requested: dict[tuple[str, str], float],
+                 ) -> tuple[Counter[str], dict[str, set[str]], dict[str, set[str]]]:
+    """Random registry events; returns counts per kind, the versions requested and all versions.
+    Fills `first_requested` with the time (epoch s) each version was first requested."""
     client = registry.client
     kinds: Counter[str] = Counter()
     requested: dict[str, set[str]] = {name: set() for name in MODELS}
     versions: dict[str, list[str]] = {name: [] for name in MODELS}
+
+    def request(name: str, version: str) -> None:
+        requested[name].add(version)
+        first_requested.setdefault((name, version), time.time())
 
     def new_version(name: str) -> str | None:
         if not sources[name]:
@@ -137,7 +147,7 @@ def drive_events(registry: Registry, sources: dict[str, list[tuple[str, str, str
         created = registry.call(client.create_model_version, name, model_uri, run_id=run_id, model_id=model_id)
         versions[name].append(str(created.version))
         if name == "faults-new":
-            requested[name].add(str(created.version))
+            request(name, str(created.version))
         return str(created.version)
 
     for name in MODELS:  # every model starts with two versions
@@ -154,13 +164,13 @@ def drive_events(registry: Registry, sources: dict[str, list[tuple[str, str, str
         version = rng.choice(versions[name])
         if roll < 0.45 and name == "faults-alias":
             registry.call(client.set_registered_model_alias, name, "candidate", version)
-            requested[name].add(version)
+            request(name, version)
             kinds["request alias set"] += 1
         elif roll < 0.45 and name == "faults-stage":
             current = registry.call(client.get_model_version, name, version).current_stage
             if current in ("None", "Archived"):
                 registry.call(client.transition_model_version_stage, name, version, "Staging")
-                requested[name].add(version)
+                request(name, version)
                 kinds["moved to Staging"] += 1
         elif roll < 0.75 and name in ("faults-alias", "faults-new"):
             registry.call(client.set_registered_model_alias, name, "champion", version)
@@ -258,7 +268,8 @@ def main() -> int:
         print(f"driving {args.events} events with kills ...", flush=True)
         events_started = time.monotonic()
         killer.start()
-        kinds, requested, versions = drive_events(bench, sources, args.events, rng, args.pace)
+        first_requested: dict[tuple[str, str], float] = {}
+        kinds, requested, versions = drive_events(bench, sources, args.events, rng, args.pace, first_requested)
         events_seconds = time.monotonic() - events_started
         killer.stop_event.set()
         killer.join()
@@ -276,6 +287,7 @@ def main() -> int:
             time.sleep(10)
         settle_seconds = time.monotonic() - settle_started
         figures = audit(registry, policy, requested, versions)
+        figures.update(request_to_verdict(registry, first_requested))
     finally:
         killer.stop_event.set()
         for service in reversed(list(services.values())):
@@ -290,7 +302,7 @@ def main() -> int:
     rows = [[key, json.dumps(figures[key]) if isinstance(figures[key], dict) else figures[key]]
             for key in ("events", "event_kinds", "kills", "kills_by_service", "requests", "requests_lost",
                         "double_scans", "bad_promotions", "final_states", "scan_runs", "events_seconds",
-                        "settle_seconds")]
+                        "settle_seconds", "request_to_verdict_seconds", "slowest_requests")]
     table = markdown_table(["figure", "value"], rows)
     ok = figures["requests_lost"] == 0 and figures["double_scans"] == 0 and figures["bad_promotions"] == 0
     table += (f"\n\n{'PASS' if ok else 'FAIL'}: lost requests / double scans / bad promotions = "
@@ -303,6 +315,30 @@ def main() -> int:
     print(table)
     print(f"written: {path}")
     return 0 if ok else 1
+
+
+def request_to_verdict(registry: Any, first_requested: dict[tuple[str, str], float]) -> dict[str, Any]:
+    """Seconds from each version's first request to its verdict tag: the spread, and the five
+    slowest with the clock time of their request (to read beside the kill log)."""
+    from datetime import datetime
+
+    waits: dict[str, float] = {}
+    requested_at: dict[str, float] = {}
+    for (name, version), at in first_requested.items():
+        scanned_at = registry.get_version(name, version).tags.get("trojanscan.scanned_at")
+        if scanned_at:
+            label = f"{name} v{version}"
+            waits[label] = datetime.fromisoformat(scanned_at).timestamp() - at
+            requested_at[label] = at
+    values = list(waits.values())
+    slowest = sorted(waits, key=waits.get, reverse=True)[:5]
+    return {"request_to_verdict_seconds": {
+                "decided": len(values), "p50": round(float(np.percentile(values, 50)), 1) if values else None,
+                "p95": round(float(np.percentile(values, 95)), 1) if values else None,
+                "max": round(max(values), 1) if values else None},
+            "slowest_requests": {label: {"seconds": round(waits[label], 1),
+                                         "requested_at": time.strftime("%H:%M:%S", time.localtime(requested_at[label]))}
+                                 for label in slowest}}
 
 
 def audit(registry: Any, policy: Any, requested: dict[str, set[str]], versions: dict[str, set[str]]) -> dict[str, Any]:

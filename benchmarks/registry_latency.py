@@ -13,8 +13,10 @@ Two phases in one run, side by side: first `--one-at-a-time` versions, each regi
 the previous one's verdict (the overhead of one request on an idle stack), then `--versions`
 registered at once (the target's case). Each version's time is split with the Prefect flow
 run's state history: trigger (version created -> flow run created), split by the time the
-Prefect API received the event into delivery (MLflow's webhook and the receiver) and automation
-(Prefect's trigger and run-deployment action), queue (-> Pending: waiting for a worker slot, TROJANSCAN_WORKER_LIMIT),
+Prefect API received the event into delivery (MLflow's webhook and the receiver) and automation,
+itself split by the firing time Prefect records on its `prefect.automation.action.triggered`
+event into evaluation (the trigger service takes the event and fires) and action (the
+run-deployment action creates the flow run), queue (-> Pending: waiting for a worker slot, TROJANSCAN_WORKER_LIMIT),
 start-up (Pending -> Running: the run's process starts and imports the flow), in-run other
 (Running -> verdict, minus the detectors: download, sha256, loading and verifying the model,
 report, MLflow logging, tags). `--compare-cold` first runs the same on a stack whose worker
@@ -53,11 +55,14 @@ models:
 """
 
 
-def _wait_for_verdicts(registry: Any, versions: list[str], timeout: float) -> None:
+def _wait_for_verdicts(client: Any, versions: list[str], timeout: float) -> None:
+    """Poll with one search a second: the benchmark must not load the MLflow server it measures
+    (a get per version per second was 20 requests a second during a burst)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        states = [registry.get_version("latency", v).tags.get("trojanscan.status") for v in versions]
-        if all(s in ("clean", "infected", "error") for s in states):
+        states = {str(v.version): v.tags.get("trojanscan.status")
+                  for v in client.search_model_versions("name = 'latency'")}
+        if all(states.get(v) in ("clean", "infected", "error") for v in versions):
             return
         time.sleep(1)
 
@@ -77,17 +82,35 @@ def _state_times(prefect_client: Any, version: str) -> dict[str, float]:
     return times
 
 
-def _event_received(api_url: str, version: str) -> float | None:
-    """When the Prefect API took the version's `model_version.created` event (epoch s), or None."""
+def _events(api_url: str, names: list[str], **filters: Any) -> list[dict[str, Any]]:
     import httpx
 
-    answer = httpx.post(f"{api_url}/events/filter", timeout=30, json={"limit": 5, "filter": {
-        "event": {"name": ["trojanscan.mlflow.model_version.created"]},
-        "resource": {"id": [f"mlflow.model-version.latency.{version}"]}}})
-    events = answer.json().get("events", []) if answer.status_code == 200 else []
+    answer = httpx.post(f"{api_url}/events/filter", timeout=30,
+                        json={"limit": 50, "filter": {"event": {"name": names}, **filters}})
+    return answer.json().get("events", []) if answer.status_code == 200 else []
+
+
+def _epoch(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def _event_received(api_url: str, version: str) -> tuple[float, str] | None:
+    """When the Prefect API took the version's `model_version.created` event (epoch s) and the
+    event's id, or None."""
+    events = _events(api_url, ["trojanscan.mlflow.model_version.created"],
+                     resource={"id": [f"mlflow.model-version.latency.{version}"]})
     if not events:
         return None
-    return min(datetime.fromisoformat(e["received"].replace("Z", "+00:00")).timestamp() for e in events)
+    first = min(events, key=lambda e: _epoch(e["received"]))
+    return _epoch(first["received"]), first["id"]
+
+
+def _automation_fired(api_url: str, event_id: str) -> float | None:
+    """When Prefect's trigger service fired the automation for the event (the `triggered` time
+    its action event carries), or None."""
+    events = _events(api_url, ["prefect.automation.action.triggered"],
+                     related={"id": [f"prefect.event.{event_id}"]})
+    return min(_epoch(e["occurred"]) for e in events) if events else None
 
 
 def _measure(registry: Any, client: Any, prefect_client: Any, mode: str, version: str, api_url: str) -> dict[str, Any]:
@@ -105,9 +128,13 @@ def _measure(registry: Any, client: Any, prefect_client: Any, mode: str, version
     if {"created", "pending", "running"} <= times.keys():
         row.update(trigger=times["created"] - created, queue=times["pending"] - times["created"],
                    startup=times["running"] - times["pending"], in_run_other=verdict_at - times["running"] - detectors)
-        received = _event_received(api_url, version)
-        if received is not None:  # the trigger, split: MLflow's delivery + receiver, then Prefect's automation
+        event = _event_received(api_url, version)
+        if event is not None:  # the trigger, split: MLflow's delivery + receiver, then Prefect's automation
+            received, event_id = event
             row.update(delivery=received - created, automation=times["created"] - received)
+            fired = _automation_fired(api_url, event_id)
+            if fired is not None:  # the automation, split: trigger evaluation, then the run-deployment action
+                row.update(evaluation=fired - received, action=times["created"] - fired)
     return row
 
 
@@ -118,7 +145,8 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "p50": float(np.percentile(overheads, 50)) if overheads else None,
         "p95": float(np.percentile(overheads, 95)) if overheads else None,
         "max": float(max(overheads)) if overheads else None}}
-    parts = ("trigger", "delivery", "automation", "queue", "startup", "in_run_other", "detectors")
+    parts = ("trigger", "delivery", "automation", "evaluation", "action", "queue", "startup", "in_run_other",
+             "detectors")
     summary["median_seconds"] = {part: float(np.median([r[part] for r in decided if part in r]))
                                  for part in parts if any(part in r for r in decided)}
     return summary
@@ -139,7 +167,8 @@ def _run(runner: str, poll: float, args: argparse.Namespace, zoo_dir: Path, mani
     env.update({"MLFLOW_TRACKING_URI": tracking_uri, "PREFECT_API_URL": api_url,
                 "TROJANSCAN_POLICY": str(root / "policy.yaml"), "TROJANSCAN_WORKDIR": str(root / "work"),
                 "TROJANSCAN_WEBHOOK_SECRET": SECRET, "TROJANSCAN_WATCH_INTERVAL": "3600",
-                "TROJANSCAN_WORKER_POLL": f"{poll:g}", "TROJANSCAN_WORKER_WARM": str(int(runner == "warm"))})
+                "TROJANSCAN_WORKER_POLL": f"{poll:g}", "TROJANSCAN_WORKER_WARM": str(int(runner == "warm")),
+                "TROJANSCAN_WORKER_LIMIT": str(args.worker_limit)})
     services = []
     prefect_env = env
     if args.prefect_db == "postgres":
@@ -184,12 +213,12 @@ def _run(runner: str, poll: float, args: argparse.Namespace, zoo_dir: Path, mani
         phases: list[tuple[str, list[str]]] = [("one at a time", [])]
         for source in sources[:args.one_at_a_time]:
             phases[0][1].append(register(source))
-            _wait_for_verdicts(registry, phases[0][1][-1:], args.timeout)
+            _wait_for_verdicts(client, phases[0][1][-1:], args.timeout)
         cpu_before = {service.name: service.cpu_seconds() for service in services}
         started = time.monotonic()
         with ThreadPoolExecutor(8) as pool:
             phases.append(("at once", list(pool.map(register, sources[args.one_at_a_time:]))))
-        _wait_for_verdicts(registry, phases[1][1], args.timeout)
+        _wait_for_verdicts(client, phases[1][1], args.timeout)
         cpu[runner] = {"wall_seconds": time.monotonic() - started,
                        **{service.name: service.cpu_seconds() - cpu_before[service.name] for service in services}}
         with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as prefect_client:
@@ -205,6 +234,8 @@ def main() -> int:
     parser.add_argument("--versions", type=int, default=20, help="versions registered at once")
     parser.add_argument("--one-at-a-time", type=int, default=3, help="versions registered one after another first")
     parser.add_argument("--poll", type=float, default=2.0, help="the worker's poll interval (TROJANSCAN_WORKER_POLL)")
+    parser.add_argument("--worker-limit", type=int, default=int(os.environ.get("TROJANSCAN_WORKER_LIMIT", "4")),
+                        help="scans the worker runs at once (TROJANSCAN_WORKER_LIMIT; each gets cores / limit threads)")
     parser.add_argument("--compare-cold", action="store_true",
                         help="first run the same on a stack whose worker spawns a fresh interpreter per scan "
                              "(Prefect's runner, TROJANSCAN_WORKER_WARM=0)")
@@ -228,7 +259,7 @@ def main() -> int:
                 _summary([r for r in mine if r["mode"] == "at once"]))
 
     alone, at_once = summaries("warm")
-    figures = {**at_once, "target_seconds": 15, "prefect_db": args.prefect_db, "worker_limit": int(os.environ.get("TROJANSCAN_WORKER_LIMIT", "4")),
+    figures = {**at_once, "target_seconds": 15, "prefect_db": args.prefect_db, "worker_limit": args.worker_limit,
                "worker_poll_seconds": args.poll, "runner": "warm", "one_at_a_time": alone,
                "burst_cpu_seconds": cpu}
     if args.compare_cold:
@@ -240,9 +271,11 @@ def main() -> int:
     def cell(row: dict[str, Any], key: str) -> str:
         return f"{row[key]:.1f}" if key in row else "-"
 
-    keys = ("total", "trigger", "delivery", "automation", "queue", "startup", "in_run_other", "detectors", "overhead")
+    keys = ("total", "trigger", "delivery", "automation", "evaluation", "action", "queue", "startup", "in_run_other",
+            "detectors", "overhead")
     table = markdown_table(["runner", "mode", "version", "status", "event to verdict s", "trigger s",
-                            "of which delivery s", "of which automation s", "queue s",
+                            "of which delivery s", "of which automation s", "automation: evaluation s",
+                            "automation: action s", "queue s",
                             "start-up s", "in-run other s", "detectors s", "overhead s"],
                            [[r["runner"], r["mode"], r["version"], r["status"], *(cell(r, k) for k in keys)]
                             for r in rows])

@@ -7,6 +7,7 @@ from __future__ import annotations
 from prefect import serve
 from prefect.events import DeploymentEventTrigger
 
+from flows.locking import ensure_claim_limits
 from flows.scan_file import scan_file
 from flows.scan_version import scan_model_version
 from flows.unlearn import unlearn_retrain
@@ -26,6 +27,17 @@ def registry_trigger() -> DeploymentEventTrigger:
     )
 
 
+def scan_threads(limit: int) -> int:
+    """Torch threads per scan: the machine's cores shared among the `limit` scans that may run at
+    once (TROJANSCAN_SCAN_THREADS overrides). Each scan taking every core made 4 concurrent
+    scans on 2 cores spin 8 OpenMP threads: 25 CPU s for a burst of 20 NeuronInspect scans
+    instead of 15 (benchmarks/registry_latency.py)."""
+    import os
+
+    configured = os.environ.get("TROJANSCAN_SCAN_THREADS")
+    return int(configured) if configured else max(1, (os.cpu_count() or 1) // limit)
+
+
 def serve_all(watch_interval: float | None = None, limit: int | None = None, poll: float | None = None,
               warm: bool | None = None) -> None:
     """`limit` bounds the flow runs at once (each scan is a process holding a model and torch);
@@ -33,7 +45,8 @@ def serve_all(watch_interval: float | None = None, limit: int | None = None, pol
     Prefect's default (10 s) adds 5 s on average to every triggered scan, a query costs little.
     `warm` (default) runs the scans in processes forked from a parent that imported torch and
     the scanner once (flows/warm_runner.py); otherwise Prefect's runner spawns a fresh
-    interpreter per scan, which pays the imports every time."""
+    interpreter per scan, which pays the imports every time. Each scan gets `scan_threads(limit)`
+    torch threads."""
     import os
 
     watch_interval = watch_interval or float(os.environ.get("TROJANSCAN_WATCH_INTERVAL", "60"))
@@ -45,10 +58,13 @@ def serve_all(watch_interval: float | None = None, limit: int | None = None, pol
     others = [registry_watcher.to_deployment(name="registry-watcher", interval=watch_interval, concurrency_limit=1),
               scan_file.to_deployment(name="scan-file"),
               unlearn_retrain.to_deployment(name="unlearn-retrain")]
+    ensure_claim_limits()
+    threads = scan_threads(limit)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # read by torch in Prefect's spawned runs
     if warm:
         from flows.warm_runner import WarmRunner
 
-        WarmRunner("flows.scan_version:scan_model_version", scan_deployment.apply(), limit, poll).start()
+        WarmRunner("flows.scan_version:scan_model_version", scan_deployment.apply(), limit, poll, threads).start()
     else:
         others.insert(0, scan_deployment)
     serve(*others, limit=limit, query_seconds=poll)

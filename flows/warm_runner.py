@@ -42,15 +42,20 @@ def _load_flow(flow_path: str):  # "module:attribute"
     return getattr(importlib.import_module(module), attribute)
 
 
-def execute_flow_run(flow_path: str, flow_run_id: str) -> None:
+def execute_flow_run(flow_path: str, flow_run_id: str, threads: int | None = None) -> None:
     """In the forked child: run the claimed (Pending) flow run with Prefect's flow engine, then
-    send the queued logs and events (a forked child leaves with os._exit, skipping atexit)."""
+    send the queued logs and events (a forked child leaves with os._exit, skipping atexit).
+    `threads` caps torch's intra-op threads (the fork server imported torch before any
+    OMP_NUM_THREADS of ours could count)."""
+    import torch
     from prefect.client.orchestration import get_client
     from prefect.events.worker import EventsWorker
     from prefect.flow_engine import run_flow
     from prefect.logging.handlers import APILogWorker
 
     os.nice(SCAN_NICENESS)
+    if threads:
+        torch.set_num_threads(threads)
     try:
         with get_client(sync_client=True) as client:
             flow_run = client.read_flow_run(UUID(flow_run_id))
@@ -64,9 +69,10 @@ class WarmRunner:
     """Polls Prefect every `poll` s for due runs of `deployment_id` and runs at most `limit` at
     once, each in a process forked from the warm server."""
 
-    def __init__(self, flow_path: str, deployment_id: UUID, limit: int = 4, poll: float = 2.0) -> None:
+    def __init__(self, flow_path: str, deployment_id: UUID, limit: int = 4, poll: float = 2.0,
+                 threads: int | None = None) -> None:
         self.flow_path, self.deployment_id, self.poll = flow_path, deployment_id, poll
-        self.limit = limit
+        self.limit, self.threads = limit, threads
         self.stopping = threading.Event()
         self.wake = threading.Event()  # set when a slot frees: waiting runs start without waiting for the poll
         self.context = multiprocessing.get_context("forkserver")
@@ -153,7 +159,8 @@ class WarmRunner:
         from prefect.states import Cancelled, Crashed
 
         try:
-            process = self.context.Process(target=execute_flow_run, args=(self.flow_path, str(flow_run_id)),
+            process = self.context.Process(target=execute_flow_run,
+                                           args=(self.flow_path, str(flow_run_id), self.threads),
                                            name=f"flow-run-{flow_run_id}")
             process.start()
             self.running[flow_run_id] = process

@@ -229,7 +229,7 @@ def scan_version(
     version: str,
     workdir: str | Path,
     *,
-    lock: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    lock: Callable[[str, str], contextlib.AbstractContextManager[Any]] = lambda name, version: contextlib.nullcontext(),
     reporter: Reporter | None = None,
     requested_by: str = "manual",
     claim_id: str | None = None,
@@ -237,9 +237,10 @@ def scan_version(
 ) -> GateOutcome:
     """Claim, scan (or reuse a scan of the same bytes and settings), record, and gate one version.
 
-    `lock` serialises claims across processes (a Prefect concurrency slot in the flows). An
-    unreachable registry is retried `retries` times (default TRANSIENT_RETRIES, pauses growing
-    by TRANSIENT_PAUSE_SECONDS) with the same claim; then the version ends `error`. Raises
+    `lock(name, version)` serialises claims of the version across processes (a Prefect
+    concurrency slot in the flows). An unreachable registry is retried `retries` times (default
+    TRANSIENT_RETRIES, pauses growing by TRANSIENT_PAUSE_SECONDS) with the same claim; then the
+    version ends `error`. Raises
     RegistryUnavailable only when even that could not be written: the version keeps its
     `running` claim, is never promoted, and the watcher starts it again once the claim is stale."""
     reporter = reporter or SilentReporter()
@@ -276,10 +277,10 @@ def scan_version(
 
 
 def _claim_scan_and_gate(registry: Registry, policy: Policy, model_policy: ModelPolicy, outcome: GateOutcome,
-                         workdir: Path, lock: Callable[[], contextlib.AbstractContextManager[Any]], reporter: Reporter,
+                         workdir: Path, lock: Callable[[str, str], contextlib.AbstractContextManager[Any]], reporter: Reporter,
                          requested_by: str, claim_id: str) -> None:
     name, version = outcome.name, outcome.version
-    with lock():
+    with lock(name, version):
         info = registry.get_version(name, version)
         live_claim = info.status == "running" and not needs_scan(info, model_policy)
         if live_claim and info.tags.get(CLAIM) != claim_id:

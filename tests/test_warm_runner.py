@@ -6,35 +6,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from uuid import UUID
 
 import pytest
-
-from tests import stack
-
-
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    root = tmp_path_factory.mktemp("warm-runner")
-    env = stack.base_env(root)
-    port = stack.free_port()
-    server = stack.prefect_server(root, port, env).start()
-    url = f"http://127.0.0.1:{port}/api"
-    saved = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = url  # the fork server reads it when it starts
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: url}):
-            yield url
-    finally:
-        server.stop()
-        if saved is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = saved
 
 
 def _deployment(flow_object) -> UUID:
@@ -108,6 +83,32 @@ def test_a_run_whose_process_dies_is_marked_crashed_and_the_runner_goes_on(prefe
         assert _final_state(ok).is_completed()
     finally:
         other.stop()
+
+
+def test_a_run_gets_the_torch_threads_it_was_given(prefect_api: str, tmp_path: Path) -> None:
+    from flows.warm_runner import WarmRunner
+    from tests.warm_flows import writes_threads
+
+    threads = (os.cpu_count() or 1) + 1  # not torch's default, so the runner must have set it
+    deployment_id = _deployment(writes_threads)
+    run_id = _schedule(deployment_id, {"path": str(tmp_path / "threads")})[0]
+    runner = WarmRunner("tests.warm_flows:writes_threads", deployment_id, limit=1, poll=0.3, threads=threads)
+    runner.start()
+    try:
+        assert _final_state(run_id).is_completed()
+    finally:
+        runner.stop()
+    assert int((tmp_path / "threads").read_text()) == threads
+
+
+def test_scan_threads_share_the_cores_among_the_worker_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.serve import scan_threads
+
+    monkeypatch.delenv("TROJANSCAN_SCAN_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert [scan_threads(limit) for limit in (1, 4, 16, 32)] == [16, 4, 1, 1]
+    monkeypatch.setenv("TROJANSCAN_SCAN_THREADS", "3")
+    assert scan_threads(4) == 3
 
 
 def test_a_run_cancelled_in_prefect_has_its_process_stopped(prefect_api: str, tmp_path: Path) -> None:

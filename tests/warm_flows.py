@@ -25,3 +25,10 @@ def sleeps(path: str, seconds: float = 120) -> None:
 
     Path(path).write_text(str(os.getpid()))
     time.sleep(seconds)
+
+
+@flow(name="warm-test-writes-threads")
+def writes_threads(path: str) -> None:
+    import torch
+
+    Path(path).write_text(str(torch.get_num_threads()))

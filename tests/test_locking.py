@@ -1,0 +1,69 @@
+"""The claim lock (flows/locking.py) against a real Prefect server: flows for the same version
+wait for each other; flows for versions in other buckets do not."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+
+from flows.locking import CLAIM_BUCKETS, claim_limit_name, claim_lock, ensure_claim_limits
+
+
+def test_claim_limit_names_are_stable_per_version_and_spread_over_the_buckets() -> None:
+    assert claim_limit_name("model", "7") == claim_limit_name("model", "7")
+    names = {claim_limit_name("model", str(version)) for version in range(1, 21)}
+    assert len(names) >= 12, "20 versions should land in many of the 64 buckets, not queue on a few"
+    assert all(0 <= int(name.rsplit("-", 1)[1]) < CLAIM_BUCKETS for name in names)
+    assert claim_limit_name("a", "12") != claim_limit_name("a1", "2"), "name and version are kept apart"
+
+
+def _other_bucket(name: str, version: str) -> str:
+    taken = claim_limit_name(name, version)
+    return next(str(v) for v in range(1000) if claim_limit_name(name, str(v)) != taken)
+
+
+def test_the_same_version_waits_and_another_bucket_does_not(prefect_api: str) -> None:
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with claim_lock("locked-model", "1"):
+            holding.set()
+            release.wait(30)
+
+    # threads start with empty context variables: carry the test's Prefect settings over
+    holder = threading.Thread(target=contextvars.copy_context().run, args=(hold,))
+    holder.start()
+    try:
+        assert holding.wait(60), "the first claim got its slot"
+        started = time.monotonic()
+        with claim_lock("locked-model", _other_bucket("locked-model", "1")):
+            other_wait = time.monotonic() - started
+        got_same = threading.Event()
+
+        def same_version() -> None:
+            with claim_lock("locked-model", "1"):
+                got_same.set()
+
+        waiter = threading.Thread(target=contextvars.copy_context().run, args=(same_version,))
+        waiter.start()
+        assert not got_same.wait(2.0), "a second claim of the same version must wait for the first"
+        release.set()
+        waiter.join(60)
+        assert got_same.is_set(), "and gets the slot once the first is released"
+    finally:
+        release.set()
+        holder.join(60)
+    assert other_wait < 2.0, f"a version in another bucket waited {other_wait:.1f} s"
+
+
+def test_the_worker_creates_every_bucket_up_front(prefect_api: str) -> None:
+    from prefect.client.orchestration import get_client
+
+    ensure_claim_limits()
+    ensure_claim_limits()  # a second worker start finds them and creates nothing
+    with get_client(sync_client=True) as client:
+        slots = {limit.name: limit.limit for limit in client.read_global_concurrency_limits(limit=200)}
+    buckets = {claim_limit_name("any", str(v)) for v in range(500)}
+    assert len(buckets) == CLAIM_BUCKETS and buckets <= slots.keys()
+    assert {slots[name] for name in buckets} == {1}, "one holder at a time per bucket"
