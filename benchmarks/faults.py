@@ -127,18 +127,16 @@ class Killer(threading.Thread):
 
 
 def drive_events(registry: Registry, sources: dict[str, list[tuple[str, str, str]]], count: int,
-                 rng: random.Random, pace: float, first_requested: dict[tuple[str, str], float],
-                 ) -> tuple[Counter[str], dict[str, set[str]], dict[str, set[str]]]:
-    """Random registry events; returns counts per kind, the versions requested and all versions.
-    Fills `first_requested` with the time (epoch s) each version was first requested."""
+                 rng: random.Random, pace: float) -> tuple[Counter[str], dict[str, dict[str, float]], dict[str, set[str]]]:
+    """Random registry events; returns counts per kind, the versions requested (each with the
+    time, epoch s, of its first request) and all versions."""
     client = registry.client
     kinds: Counter[str] = Counter()
-    requested: dict[str, set[str]] = {name: set() for name in MODELS}
+    requested: dict[str, dict[str, float]] = {name: {} for name in MODELS}
     versions: dict[str, list[str]] = {name: [] for name in MODELS}
 
     def request(name: str, version: str) -> None:
-        requested[name].add(version)
-        first_requested.setdefault((name, version), time.time())
+        requested[name].setdefault(version, time.time())
 
     def new_version(name: str) -> str | None:
         if not sources[name]:
@@ -189,7 +187,7 @@ def drive_events(registry: Registry, sources: dict[str, list[tuple[str, str, str
     return kinds, requested, {name: set(found) for name, found in versions.items()}
 
 
-def settled(registry: Any, requested: dict[str, set[str]], policy: Any) -> tuple[bool, Counter[str]]:
+def settled(registry: Any, requested: dict[str, dict[str, float]], policy: Any) -> tuple[bool, Counter[str]]:
     """Every request decided and no target held by a version that is not clean."""
     from scanner.gate import holds_target
 
@@ -268,8 +266,7 @@ def main() -> int:
         print(f"driving {args.events} events with kills ...", flush=True)
         events_started = time.monotonic()
         killer.start()
-        first_requested: dict[tuple[str, str], float] = {}
-        kinds, requested, versions = drive_events(bench, sources, args.events, rng, args.pace, first_requested)
+        kinds, requested, versions = drive_events(bench, sources, args.events, rng, args.pace)
         events_seconds = time.monotonic() - events_started
         killer.stop_event.set()
         killer.join()
@@ -287,7 +284,7 @@ def main() -> int:
             time.sleep(10)
         settle_seconds = time.monotonic() - settle_started
         figures = audit(registry, policy, requested, versions)
-        figures.update(request_to_verdict(registry, first_requested))
+        figures.update(request_to_verdict(registry, requested))
     finally:
         killer.stop_event.set()
         for service in reversed(list(services.values())):
@@ -317,19 +314,22 @@ def main() -> int:
     return 0 if ok else 1
 
 
-def request_to_verdict(registry: Any, first_requested: dict[tuple[str, str], float]) -> dict[str, Any]:
+def request_to_verdict(registry: Any, requested: dict[str, dict[str, float]]) -> dict[str, Any]:
     """Seconds from each version's first request to its verdict tag: the spread, and the five
     slowest with the clock time of their request (to read beside the kill log)."""
     from datetime import datetime
 
+    from scanner.registry import SCANNED_AT
+
     waits: dict[str, float] = {}
     requested_at: dict[str, float] = {}
-    for (name, version), at in first_requested.items():
-        scanned_at = registry.get_version(name, version).tags.get("trojanscan.scanned_at")
-        if scanned_at:
-            label = f"{name} v{version}"
-            waits[label] = datetime.fromisoformat(scanned_at).timestamp() - at
-            requested_at[label] = at
+    for name, first_requests in requested.items():
+        for version, at in first_requests.items():
+            scanned_at = registry.get_version(name, version).tags.get(SCANNED_AT)
+            if scanned_at:
+                label = f"{name} v{version}"
+                waits[label] = datetime.fromisoformat(scanned_at).timestamp() - at
+                requested_at[label] = at
     values = list(waits.values())
     slowest = sorted(waits, key=waits.get, reverse=True)[:5]
     return {"request_to_verdict_seconds": {
@@ -341,7 +341,7 @@ def request_to_verdict(registry: Any, first_requested: dict[tuple[str, str], flo
                                  for label in slowest}}
 
 
-def audit(registry: Any, policy: Any, requested: dict[str, set[str]], versions: dict[str, set[str]]) -> dict[str, Any]:
+def audit(registry: Any, policy: Any, requested: dict[str, dict[str, float]], versions: dict[str, set[str]]) -> dict[str, Any]:
     """The three figures of benchmarks.md, read from the registry and the scan runs."""
     from scanner.gate import holds_target
     from scanner.registry import SETTINGS_HASH, SHA256
