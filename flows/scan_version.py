@@ -10,7 +10,7 @@ from prefect.runtime import flow_run
 from prefect.states import Failed
 
 from flows.config import FlowConfig
-from flows.locking import claim_lock
+from flows.locking import claim_lock, scan_lock
 from flows.reporting import PrefectReporter
 from scanner.gate import event_action, guard, scan_version
 from scanner.registry import RegistryUnavailable
@@ -38,7 +38,7 @@ def scan_model_version(name: str, version: str, event: str = "manual", alias: st
     claim_id = str(flow_run.id or "") or None
     try:  # scan_version retries an unreachable registry itself
         outcome = scan_version(registry, policy, name, version, config.workdir, lock=claim_lock,
-                               reporter=reporter, requested_by=event, claim_id=claim_id)
+                               scan_lock=scan_lock, reporter=reporter, requested_by=event, claim_id=claim_id)
     except RegistryUnavailable as error:  # not even `error` could be written: the claim goes stale
         return Failed(message=f"registry unreachable, the watcher retries once the claim is stale: {error}")
     logger.info("%s v%s: %s%s", name, version, outcome.status, " (promoted)" if outcome.promoted else "")

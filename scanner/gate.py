@@ -10,7 +10,8 @@ Idempotency (product.md): a scan is identified by (model sha256, settings hash).
 already decided with the current settings is not scanned again; a version whose bytes were
 scanned before (as another version, or by a flow that died after logging) reuses that scan run.
 Two flows for the same version are kept apart by a claim taken under the caller's lock: the
-first sets status `running` with its claim id, the second sees it and leaves.
+first sets status `running` with its claim id, the second sees it and leaves. Two versions with
+the same bytes scanned at once are kept apart by the caller's scan lock on (sha256, settings).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from scanner.registry import (ERROR, FLAGGED, GUARD, PATCHED_FROM, REQUESTED_BY,
                               VersionInfo, utc_now)
 
 CLAIM = "trojanscan.claim"
+ScanLock = Callable[[str, str, float], contextlib.AbstractContextManager[Any]]
 TRANSIENT_RETRIES = 3  # an unreachable registry: tries before the version ends `error`
 TRANSIENT_PAUSE_SECONDS = 5.0  # pause before retry n is n times this
 
@@ -230,6 +232,7 @@ def scan_version(
     workdir: str | Path,
     *,
     lock: Callable[[str, str], contextlib.AbstractContextManager[Any]] = lambda name, version: contextlib.nullcontext(),
+    scan_lock: ScanLock = lambda sha256, settings_hash, timeout_seconds: contextlib.nullcontext(),
     reporter: Reporter | None = None,
     requested_by: str = "manual",
     claim_id: str | None = None,
@@ -238,7 +241,9 @@ def scan_version(
     """Claim, scan (or reuse a scan of the same bytes and settings), record, and gate one version.
 
     `lock(name, version)` serialises claims of the version across processes (a Prefect
-    concurrency slot in the flows). An unreachable registry is retried `retries` times (default
+    concurrency slot in the flows). `scan_lock(sha256, settings_hash, timeout_seconds)` is held
+    from the download to the logged scan run, so two versions with the same bytes scanned at
+    once give one scan: the later one waits and reuses the run. An unreachable registry is retried `retries` times (default
     TRANSIENT_RETRIES, pauses growing by TRANSIENT_PAUSE_SECONDS) with the same claim; then the
     version ends `error`. Raises
     RegistryUnavailable only when even that could not be written: the version keeps its
@@ -255,7 +260,7 @@ def scan_version(
     for attempt in range(retries + 1):
         outcome = GateOutcome(name=name, version=str(version), status="error")
         try:
-            _claim_scan_and_gate(registry, policy, model_policy, outcome, Path(workdir), lock, reporter,
+            _claim_scan_and_gate(registry, policy, model_policy, outcome, Path(workdir), lock, scan_lock, reporter,
                                  requested_by, claim_id)
         except RegistryUnavailable as error:
             if attempt < retries:  # transient (product.md): retried, never turned into a verdict
@@ -277,8 +282,8 @@ def scan_version(
 
 
 def _claim_scan_and_gate(registry: Registry, policy: Policy, model_policy: ModelPolicy, outcome: GateOutcome,
-                         workdir: Path, lock: Callable[[str, str], contextlib.AbstractContextManager[Any]], reporter: Reporter,
-                         requested_by: str, claim_id: str) -> None:
+                         workdir: Path, lock: Callable[[str, str], contextlib.AbstractContextManager[Any]],
+                         scan_lock: ScanLock, reporter: Reporter, requested_by: str, claim_id: str) -> None:
     name, version = outcome.name, outcome.version
     with lock(name, version):
         info = registry.get_version(name, version)
@@ -294,7 +299,7 @@ def _claim_scan_and_gate(registry: Registry, policy: Policy, model_policy: Model
         _outcome_from_tags(outcome, info)
         outcome.reasons = [f"already scanned: {info.status} (run {info.tags.get(SCAN_RUN_ID)})"]
     else:
-        _scan_and_record(registry, policy.experiment, model_policy, info, workdir, outcome, reporter, claim_id)
+        _scan_and_record(registry, policy.experiment, model_policy, info, workdir, outcome, scan_lock, reporter, claim_id)
     _gate(registry, model_policy, outcome)
 
 
@@ -315,9 +320,8 @@ def _check_claim(registry: Registry, info: VersionInfo, claim_id: str) -> None:
 
 
 def _scan_and_record(registry: Registry, experiment: str, policy: ModelPolicy, info: VersionInfo, workdir: Path,
-                     outcome: GateOutcome, reporter: Reporter, claim_id: str) -> None:
+                     outcome: GateOutcome, scan_lock: ScanLock, reporter: Reporter, claim_id: str) -> None:
     from scanner.model_io import model_digest
-    from scanner.scan import scan_fraction, scan_model
 
     folder = workdir / f"{info.name}-v{info.version}-{uuid.uuid4().hex[:8]}"
     reporter.progress(0.0, f"downloading {info.uri}")
@@ -326,45 +330,16 @@ def _scan_and_record(registry: Registry, experiment: str, policy: ModelPolicy, i
     settings_hash = policy.settings_hash()
     out_dir = folder / "scan"
     out_dir.mkdir(parents=True, exist_ok=True)
-    previous = registry.find_scan_run(experiment, sha256, settings_hash)
-    if previous is not None:
-        result = registry.scan_result(previous, out_dir)
-        run_id = previous
-        outcome.reasons = [f"reused scan run {previous} of the same model bytes and settings"]
-    else:
-        data_path, data_reference = registry.resolve_clean_data(info, policy.clean_data, folder / "data")
-        reporter.progress(0.02, "scanning")
-        budget = _Budget(policy.max_scan_seconds, policy.max_memory_mb)
-        settings = policy.scan_settings()
-
-        def progress(detector: str, done: int, total: int) -> None:
-            budget.check()
-            fraction = scan_fraction(settings.detectors, detector, done, total)
-            reporter.progress(0.02 + 0.9 * fraction, f"{detector}: {done}/{total} classes")
-
-        scan = scan_model(downloaded.model_file, data_path, settings, out_dir=out_dir,
-                          allow_pickle=policy.allow_pickle, normalization=policy.normalization,
-                          progress=progress, model_reference=info.uri)
-        budget.check()
-        scan.data["reference"] = data_reference
-        scan.extra["registry"] = {"name": info.name, "version": info.version, "source": info.source,
-                                  "run_id": info.run_id, "tracking_uri": registry.tracking_uri,
-                                  "settings_hash": settings_hash}
-        if UNLEARN_RUN_ID in info.tags:  # a patched version: its report shows CA/ASR before and after
-            unlearning = registry.download_run_artifact(info.tags[UNLEARN_RUN_ID], "unlearning.json", folder / "unlearn")
-            scan.extra["unlearning"] = json.loads(Path(unlearning).read_text()) | {
-                "patched_from": info.tags.get(PATCHED_FROM), "unlearn_run_id": info.tags[UNLEARN_RUN_ID]}
-        result = scan.to_json()
-        (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-        write_report(out_dir)
-        reporter.progress(0.95, "logging the scan run")
-        _check_claim(registry, info, claim_id)  # a run that outlived its claim must not log a second scan
-        run_id = registry.log_scan_run(experiment, result, out_dir, run_name=f"scan {info.name} v{info.version}",
-                                       tags={SHA256: sha256, SETTINGS_HASH: settings_hash,
-                                             "trojanscan.model": f"{info.name}/{info.version}"})
-        outcome.scanned = True
-        outcome.detector_seconds = float(sum(d.seconds for d in scan.detections.values()))
-        outcome.reasons = list(scan.reasons)
+    # another version with these bytes may be scanning now: wait for it, then reuse its run
+    with scan_lock(sha256, settings_hash, policy.max_scan_seconds + policy.stale_claim_seconds):
+        previous = registry.find_scan_run(experiment, sha256, settings_hash)
+        if previous is not None:
+            result = registry.scan_result(previous, out_dir)
+            run_id = previous
+            outcome.reasons = [f"reused scan run {previous} of the same model bytes and settings"]
+        else:
+            result, run_id = _scan_and_log(registry, experiment, policy, info, folder, downloaded.model_file,
+                                           sha256, settings_hash, outcome, reporter, claim_id)
     outcome.result_dir = str(out_dir)
     outcome.verdict = result["verdict"]
     outcome.flagged_classes = list(result.get("flagged_classes", []))
@@ -382,6 +357,50 @@ def _scan_and_record(registry: Registry, experiment: str, policy: ModelPolicy, i
     registry.delete_tag(info.name, info.version, ERROR)
     reporter.progress(1.0, f"{outcome.verdict}")
     reporter.scanned(outcome, result, registry.run_url(run_id, experiment))
+
+
+def _scan_and_log(registry: Registry, experiment: str, policy: ModelPolicy, info: VersionInfo, folder: Path,
+                  model_file: Path, sha256: str, settings_hash: str, outcome: GateOutcome, reporter: Reporter,
+                  claim_id: str) -> tuple[dict[str, Any], str]:
+    """Scan the downloaded model, write result.json and the report, log the scan run; returns
+    the result and the run id."""
+    from scanner.scan import scan_fraction, scan_model
+
+    out_dir = folder / "scan"
+    data_path, data_reference = registry.resolve_clean_data(info, policy.clean_data, folder / "data")
+    reporter.progress(0.02, "scanning")
+    budget = _Budget(policy.max_scan_seconds, policy.max_memory_mb)
+    settings = policy.scan_settings()
+
+    def progress(detector: str, done: int, total: int) -> None:
+        budget.check()
+        fraction = scan_fraction(settings.detectors, detector, done, total)
+        reporter.progress(0.02 + 0.9 * fraction, f"{detector}: {done}/{total} classes")
+
+    scan = scan_model(model_file, data_path, settings, out_dir=out_dir,
+                      allow_pickle=policy.allow_pickle, normalization=policy.normalization,
+                      progress=progress, model_reference=info.uri)
+    budget.check()
+    scan.data["reference"] = data_reference
+    scan.extra["registry"] = {"name": info.name, "version": info.version, "source": info.source,
+                              "run_id": info.run_id, "tracking_uri": registry.tracking_uri,
+                              "settings_hash": settings_hash}
+    if UNLEARN_RUN_ID in info.tags:  # a patched version: its report shows CA/ASR before and after
+        unlearning = registry.download_run_artifact(info.tags[UNLEARN_RUN_ID], "unlearning.json", folder / "unlearn")
+        scan.extra["unlearning"] = json.loads(Path(unlearning).read_text()) | {
+            "patched_from": info.tags.get(PATCHED_FROM), "unlearn_run_id": info.tags[UNLEARN_RUN_ID]}
+    result = scan.to_json()
+    (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_report(out_dir)
+    reporter.progress(0.95, "logging the scan run")
+    _check_claim(registry, info, claim_id)  # a run that outlived its claim must not log a second scan
+    run_id = registry.log_scan_run(experiment, result, out_dir, run_name=f"scan {info.name} v{info.version}",
+                                   tags={SHA256: sha256, SETTINGS_HASH: settings_hash,
+                                         "trojanscan.model": f"{info.name}/{info.version}"})
+    outcome.scanned = True
+    outcome.detector_seconds = float(sum(d.seconds for d in scan.detections.values()))
+    outcome.reasons = list(scan.reasons)
+    return result, run_id
 
 
 def write_report(out_dir: Path) -> Path | None:

@@ -275,3 +275,71 @@ def test_a_dead_flows_claim_is_taken_over_and_a_late_run_records_nothing(local_r
     assert live.status == "running" and "already being scanned" in live.reasons[0]
     owner = scan_version(registry, policy, "gate-model", version, tmp_path, claim_id="newer-flow")
     assert owner.status == "infected" and owner.scanned and not owner.promoted
+
+
+def test_two_versions_with_the_same_bytes_scanned_at_once_give_one_scan(local_registry: dict[str, Any],
+                                                                       fm_smoke_zoo: tuple[Path, dict[str, Any]],
+                                                                       tmp_path: Path) -> None:
+    import threading
+
+    import mlflow
+
+    from scanner.gate import scan_version
+    from scanner.policy import Policy
+    from scanner.registry import SETTINGS_HASH, SHA256
+    from tests.stack import register_onnx
+
+    zoo_dir, manifest = fm_smoke_zoo
+    model = next(entry for entry in manifest["models"] if entry["id"] == "fm-square4-br")
+    mlflow.set_tracking_uri(local_registry["uri"])
+    first = register_onnx(zoo_dir / model["files"]["onnx"]["path"], zoo_dir / "clean_samples.npz", "twin-model")
+    source = mlflow.MlflowClient().get_model_version("twin-model", first)
+    # the same logged model registered again (a copy, a re-registration): the same bytes
+    second = mlflow.MlflowClient().create_model_version("twin-model", source.source, run_id=source.run_id,
+                                                        model_id=source.model_id).version
+    twins = [first, str(second)]
+    # settings no other test uses, so there is no earlier run of these bytes to reuse
+    policy = Policy(experiment="trojanscan", defaults={"detectors": ["ni"], "threshold": 3.3},
+                    models={"twin-model": {}})
+    both_downloaded = threading.Barrier(2, timeout=120)
+
+    class Meeting(Registry):
+        """Neither scan starts before both flows know the bytes: the race the scan lock closes."""
+
+        def download_model(self, *args: Any, **kwargs: Any) -> Any:
+            downloaded = super().download_model(*args, **kwargs)
+            both_downloaded.wait()
+            return downloaded
+
+    guard = threading.Lock()
+    locks: dict[tuple[str, str], threading.Lock] = {}
+    keys: list[tuple[str, str]] = []
+
+    def scan_lock(sha256: str, settings_hash: str, timeout_seconds: float) -> threading.Lock:
+        assert timeout_seconds >= policy.for_model("twin-model").max_scan_seconds
+        with guard:
+            keys.append((sha256, settings_hash))
+            return locks.setdefault((sha256, settings_hash), threading.Lock())
+
+    outcomes: dict[str, Any] = {}
+
+    def scan(version: str) -> None:
+        outcomes[version] = scan_version(Meeting(local_registry["uri"]), policy, "twin-model", version,
+                                         tmp_path / version, scan_lock=scan_lock)
+
+    threads = [threading.Thread(target=scan, args=(version,)) for version in twins]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert sorted(outcomes) == sorted(twins), "both flows finished"
+    assert {outcome.status for outcome in outcomes.values()} == {"infected"}
+    assert len(set(keys)) == 1 and len(keys) == 2, f"both took the lock of the same (sha256, settings): {keys}"
+    assert sorted(outcome.scanned for outcome in outcomes.values()) == [False, True], "one scan, one reuse"
+    assert len({outcome.scan_run_id for outcome in outcomes.values()}) == 1
+    registry = Registry(local_registry["uri"])
+    sha256, settings_hash = keys[0]
+    assert {registry.get_version("twin-model", version).tags.get(SHA256) for version in twins} == {sha256}
+    runs = registry.client.search_runs([registry.experiment_id("trojanscan")],
+                                       f"tags.`{SHA256}` = '{sha256}' and tags.`{SETTINGS_HASH}` = '{settings_hash}'")
+    assert len(runs) == 1

@@ -1,20 +1,21 @@
-"""The claim lock (flows/locking.py) against a real Prefect server: flows for the same version
-wait for each other; flows for versions in other buckets do not."""
+"""The claim and scan locks (flows/locking.py) against a real Prefect server: flows for the same
+version, or the same model bytes, wait for each other; flows in other buckets do not."""
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import threading
 import time
 
-from flows.locking import CLAIM_BUCKETS, claim_limit_name, claim_lock, ensure_claim_limits
+from flows.locking import BUCKETS, claim_limit_name, claim_lock, ensure_claim_limits, scan_limit_name, scan_lock
 
 
 def test_claim_limit_names_are_stable_per_version_and_spread_over_the_buckets() -> None:
     assert claim_limit_name("model", "7") == claim_limit_name("model", "7")
     names = {claim_limit_name("model", str(version)) for version in range(1, 21)}
     assert len(names) >= 12, "20 versions should land in many of the 64 buckets, not queue on a few"
-    assert all(0 <= int(name.rsplit("-", 1)[1]) < CLAIM_BUCKETS for name in names)
+    assert all(0 <= int(name.rsplit("-", 1)[1]) < BUCKETS for name in names)
     assert claim_limit_name("a", "12") != claim_limit_name("a1", "2"), "name and version are kept apart"
 
 
@@ -64,6 +65,41 @@ def test_the_worker_creates_every_bucket_up_front(prefect_api: str) -> None:
     ensure_claim_limits()  # a second worker start finds them and creates nothing
     with get_client(sync_client=True) as client:
         slots = {limit.name: limit.limit for limit in client.read_global_concurrency_limits(limit=200)}
-    buckets = {claim_limit_name("any", str(v)) for v in range(500)}
-    assert len(buckets) == CLAIM_BUCKETS and buckets <= slots.keys()
-    assert {slots[name] for name in buckets} == {1}, "one holder at a time per bucket"
+    for limit_name in (claim_limit_name, scan_limit_name):
+        buckets = {limit_name("any", str(v)) for v in range(500)}
+        assert len(buckets) == BUCKETS and buckets <= slots.keys()
+        assert {slots[name] for name in buckets} == {1}, "one holder at a time per bucket"
+    assert not {claim_limit_name("a", "1")} & {scan_limit_name("a", "1")}, "the two locks never share a slot"
+
+
+def test_the_scan_lock_keeps_a_second_scan_of_the_same_bytes_waiting(prefect_api: str) -> None:
+    from prefect.client.orchestration import get_client
+
+    sha256, settings = "ab" * 32, "settings-for-the-lock-test"
+    with get_client(sync_client=True) as client:  # a worker started from prefect.yaml created none
+        with contextlib.suppress(Exception):
+            client.delete_global_concurrency_limit_by_name(scan_limit_name(sha256, settings))
+    holding, release, got_second = threading.Event(), threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with scan_lock(sha256, settings, timeout_seconds=60):
+            holding.set()
+            release.wait(30)
+
+    def second() -> None:
+        with scan_lock(sha256, settings, timeout_seconds=60):
+            got_second.set()
+
+    holder = threading.Thread(target=contextvars.copy_context().run, args=(hold,))
+    holder.start()
+    try:
+        assert holding.wait(60), "the first scan got its slot (the missing limit was created)"
+        waiter = threading.Thread(target=contextvars.copy_context().run, args=(second,))
+        waiter.start()
+        assert not got_second.wait(2.0), "a second scan of the same bytes must wait for the first"
+        release.set()
+        waiter.join(60)
+        assert got_second.is_set(), "and goes on once the first is done"
+    finally:
+        release.set()
+        holder.join(60)
