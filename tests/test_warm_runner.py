@@ -111,6 +111,33 @@ def test_scan_threads_share_the_cores_among_the_worker_slots(monkeypatch: pytest
     assert scan_threads(4) == 3
 
 
+def test_a_plain_http_api_spares_the_scans_parsing_every_ca_certificate(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ssl
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.serve import skip_unused_certificate_parsing
+
+    monkeypatch.setenv("PREFECT_API_SSL_CERT_FILE", "")  # restored after the test: the function sets it
+    monkeypatch.delenv("PREFECT_API_SSL_CERT_FILE")
+    with temporary_settings(updates={PREFECT_API_URL: "https://prefect.example/api"}):
+        assert not skip_unused_certificate_parsing() and "PREFECT_API_SSL_CERT_FILE" not in os.environ
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        assert skip_unused_certificate_parsing()
+    bundle = Path(os.environ["PREFECT_API_SSL_CERT_FILE"])
+    assert bundle.read_text().count("BEGIN CERTIFICATE") == 1
+    assert ssl.create_default_context(cafile=str(bundle)).cert_store_stats()["x509_ca"] == 1
+    # a process started from the worker builds its Prefect clients with it (and still works)
+    code = ("from prefect.client.orchestration import get_client\n"
+            "client = get_client(sync_client=True)\n"
+            "print(client._client._transport._pool._ssl_context.cert_store_stats()['x509_ca'])")
+    env = dict(os.environ, PREFECT_API_URL="http://127.0.0.1:4200/api")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "1", out.stderr[-500:]
+
+
 def test_a_run_cancelled_in_prefect_has_its_process_stopped(prefect_api: str, tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelling
