@@ -170,12 +170,16 @@ def _run(runner: str, poll: float, args: argparse.Namespace, zoo_dir: Path, mani
                 "TROJANSCAN_WORKER_POLL": f"{poll:g}", "TROJANSCAN_WORKER_WARM": str(int(runner == "warm")),
                 "TROJANSCAN_WORKER_LIMIT": str(args.worker_limit)})
     services = []
-    prefect_env = env
-    if args.prefect_db == "postgres":
-        database, url = stack.postgres_cluster(root, stack.free_port())
+    prefect_env, mlflow_store = env, None
+    databases = tuple(name for name, db in (("prefect", args.prefect_db), ("mlflow", args.mlflow_db)) if db == "postgres")
+    if databases:
+        database, urls = stack.postgres_cluster(root, stack.free_port(), databases)
         services.append(database)
-        prefect_env = env | {"PREFECT_API_DATABASE_CONNECTION_URL": url}
-    services += [stack.mlflow_server(root, ports["mlflow"], env), stack.prefect_server(root, ports["prefect"], prefect_env),
+        if "prefect" in urls:
+            prefect_env = env | {"PREFECT_API_DATABASE_CONNECTION_URL": urls["prefect"].replace("postgresql:", "postgresql+asyncpg:")}
+        mlflow_store = urls.get("mlflow")
+    services += [stack.mlflow_server(root, ports["mlflow"], env, mlflow_store),
+                 stack.prefect_server(root, ports["prefect"], prefect_env),
                  stack.receiver(root, ports["receiver"], env), stack.worker(root, env)]
     try:
         for service in services:
@@ -241,6 +245,8 @@ def main() -> int:
                              "(Prefect's runner, TROJANSCAN_WORKER_WARM=0)")
     parser.add_argument("--prefect-db", choices=("sqlite", "postgres"), default="sqlite",
                         help="the Prefect server's database (postgres: a throwaway local cluster, as in deploy/compose.yaml)")
+    parser.add_argument("--mlflow-db", choices=("sqlite", "postgres"), default="sqlite",
+                        help="the MLflow server's backend store (postgres needs psycopg2: pip install -e .[postgres])")
     parser.add_argument("--name", default="registry_latency", help="results file name in benchmarks/results")
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args()

@@ -1,5 +1,6 @@
-"""Prefect artifacts for a scan: a progress artifact updated while the detectors optimise, then
-a markdown summary, a table of anomaly indices and a link to the MLflow run."""
+"""Prefect artifacts for a scan: a progress artifact updated while the detectors optimise (for a
+scan that runs longer than PROGRESS_AFTER_SECONDS), then a markdown summary, a table of anomaly
+indices and a link to the MLflow run."""
 
 from __future__ import annotations
 
@@ -18,16 +19,30 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:100]
 
 
+# a scan still running this long after it started gets a progress artifact; shorter ones (a
+# NeuronInspect scan of a small model: about a second) only their summary, table and link.
+# Three fewer API writes per short scan, for a Prefect server that a burst of scans keeps busy.
+PROGRESS_AFTER_SECONDS = 2.0
+
+
 class PrefectReporter:
-    """The gate's Reporter, writing Prefect artifacts (updates throttled to one per second)."""
+    """The gate's Reporter, writing Prefect artifacts (progress updates at most one per second)."""
 
     def __init__(self, *key_parts: str) -> None:
         self.key = artifact_key("trojanscan", *key_parts)
-        self.progress_id = create_progress_artifact(0.0, key=f"{self.key}-progress", description="starting")
+        self.started = time.monotonic()
+        self.progress_id = None
         self.last_update = 0.0
 
     def progress(self, fraction: float, text: str) -> None:
         now = time.monotonic()
+        if self.progress_id is None:
+            if now - self.started < PROGRESS_AFTER_SECONDS or fraction >= 1.0:
+                return
+            self.progress_id = create_progress_artifact(round(100 * fraction, 1), key=f"{self.key}-progress",
+                                                        description=text)
+            self.last_update = now
+            return
         if now - self.last_update < 1.0 and fraction < 1.0:
             return
         self.last_update = now

@@ -354,7 +354,8 @@ def _scan_and_record(registry: Registry, experiment: str, policy: ModelPolicy, i
         SCAN_RUN_ID: run_id, SHA256: sha256, SCANNED_AT: utc_now(), SETTINGS_HASH: settings_hash,
         STATUS: outcome.verdict,
     })
-    registry.delete_tag(info.name, info.version, ERROR)
+    if ERROR in info.tags:  # an error from an earlier request
+        registry.delete_tag(info.name, info.version, ERROR)
     reporter.progress(1.0, f"{outcome.verdict}")
     reporter.scanned(outcome, result, registry.run_url(run_id, experiment))
 

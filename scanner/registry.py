@@ -361,9 +361,9 @@ class Registry:
 
     def log_scan_run(self, experiment: str, result: dict[str, Any], out_dir: str | Path, tags: dict[str, str],
                      run_name: str) -> str:
-        """One MLflow run per scan: settings as params, anomaly indices as metrics, and from
-        `out_dir` the result JSON (written there by the caller), the report and the
-        trigger/saliency pictures as artifacts (product.md)."""
+        """One MLflow run per scan: settings as params, anomaly indices as metrics, and every file
+        in `out_dir` as artifacts: the result JSON (written there by the caller), the report and
+        the trigger/saliency pictures (product.md)."""
         out_dir = Path(out_dir)
         run = self._call("creating the scan run", self.client.create_run, self.experiment_id(experiment),
                          tags=tags, run_name=run_name)
@@ -391,12 +391,9 @@ class Registry:
             metrics.append(Metric(f"{name}.max_anomaly_index", float(detection.get("max_anomaly_index", 0.0)), now, 0))
             metrics.append(Metric(f"{name}.seconds", float(detection.get("seconds", 0.0)), now, 0))
         self._call("logging the scan", self.client.log_batch, run_id, metrics=metrics, params=params[:100])
-        self._call("uploading the result", self.client.log_artifact, run_id, str(out_dir / "result.json"))
-        if (out_dir / "report.html").is_file():
-            self._call("uploading the report", self.client.log_artifact, run_id, str(out_dir / "report.html"))
-        for folder in ("triggers", "saliency"):
-            if (out_dir / folder).is_dir():
-                self._call(f"uploading {folder}", self.client.log_artifacts, run_id, str(out_dir / folder), folder)
+        # the scan folder holds exactly what the run keeps (result.json, report.html, triggers/,
+        # saliency/): one upload call, which asks the server for the run's artifact location once
+        self._call("uploading the scan's files", self.client.log_artifacts, run_id, str(out_dir))
 
     def run_url(self, run_id: str, experiment: str) -> str:
         """Where a person looks at the run: the server's UI, or the local store's run id."""

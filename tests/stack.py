@@ -102,9 +102,11 @@ def base_env(home: Path) -> dict[str, str]:
     return env
 
 
-def mlflow_server(root: Path, port: int, env: dict[str, str]) -> Service:
+def mlflow_server(root: Path, port: int, env: dict[str, str], backend_store_uri: str | None = None) -> Service:
     """`mlflow server` as environment.md recommends for tests (one worker, no job runner,
-    webhooks to loopback allowed, an encryption key so webhooks survive a restart)."""
+    webhooks to loopback allowed, an encryption key so webhooks survive a restart); its store is
+    SQLite in `root` unless `backend_store_uri` names another (a PostgreSQL database, as in
+    deploy/compose.yaml; needs psycopg2: `pip install -e .[postgres]`)."""
     env = env | {
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
@@ -114,16 +116,17 @@ def mlflow_server(root: Path, port: int, env: dict[str, str]) -> Service:
         "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": env.get("MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY")
         or "x0FbFGSM2gbtSnpZ8w4Yq4qkTnE0ZtK6a8cQj0b0Ydc=",
     }
-    args = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+    args = [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_store_uri or f"sqlite:///{root / 'mlflow.db'}",
             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
             "--workers", "1"]
     return Service("mlflow", args, env, root, health=f"http://127.0.0.1:{port}/health", expect="OK")
 
 
-def postgres_cluster(root: Path, port: int, database: str = "prefect") -> tuple[Service, str]:
-    """A throwaway PostgreSQL cluster in root/postgres, started, with `database` created;
-    returns the service and the database's SQLAlchemy asyncpg URL (for PREFECT_API_DATABASE_
-    CONNECTION_URL). Benchmarks use it to run Prefect on the database of the compose stack.
+def postgres_cluster(root: Path, port: int, databases: tuple[str, ...] = ("prefect",)) -> tuple[Service, dict[str, str]]:
+    """A throwaway PostgreSQL cluster in root/postgres, started, with `databases` created;
+    returns the service and each database's URL without a driver (`postgresql://...`: MLflow's
+    form; Prefect's PREFECT_API_DATABASE_CONNECTION_URL wants `postgresql+asyncpg://`).
+    Benchmarks use it to run Prefect and MLflow on the database of the compose stack.
     Postgres refuses to run as root: then it runs as the `postgres` user."""
     binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
     bin_dir = binaries[-1] if binaries else Path(shutil.which("initdb") or "initdb").parent
@@ -143,9 +146,10 @@ def postgres_cluster(root: Path, port: int, database: str = "prefect") -> tuple[
             service.stop()
             raise RuntimeError(f"postgres did not start; log tail:\n{service.log_tail()}")
         time.sleep(0.3)
-    subprocess.run([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", database],
-                   check=True, capture_output=True)
-    return service, f"postgresql+asyncpg://postgres@127.0.0.1:{port}/{database}"
+    for database in databases:
+        subprocess.run([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", database],
+                       check=True, capture_output=True)
+    return service, {database: f"postgresql://postgres@127.0.0.1:{port}/{database}" for database in databases}
 
 
 def prefect_server(root: Path, port: int, env: dict[str, str]) -> Service:
