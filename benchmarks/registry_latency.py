@@ -90,6 +90,14 @@ def _events(api_url: str, names: list[str], **filters: Any) -> list[dict[str, An
     return answer.json().get("events", []) if answer.status_code == 200 else []
 
 
+def _machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy (every process: the services' child processes,
+    such as PostgreSQL's backends, and this benchmark too), from /proc/stat."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def _epoch(stamp: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
@@ -219,11 +227,12 @@ def _run(runner: str, poll: float, args: argparse.Namespace, zoo_dir: Path, mani
             phases[0][1].append(register(source))
             _wait_for_verdicts(client, phases[0][1][-1:], args.timeout)
         cpu_before = {service.name: service.cpu_seconds() for service in services}
+        machine_before = _machine_busy_seconds()
         started = time.monotonic()
         with ThreadPoolExecutor(8) as pool:
             phases.append(("at once", list(pool.map(register, sources[args.one_at_a_time:]))))
         _wait_for_verdicts(client, phases[1][1], args.timeout)
-        cpu[runner] = {"wall_seconds": time.monotonic() - started,
+        cpu[runner] = {"wall_seconds": time.monotonic() - started, "machine": _machine_busy_seconds() - machine_before,
                        **{service.name: service.cpu_seconds() - cpu_before[service.name] for service in services}}
         with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as prefect_client:
             return [_measure(registry, client, prefect_client, mode, version, api_url) | {"runner": runner, "poll": poll}
@@ -297,7 +306,9 @@ def main() -> int:
     for runner, used in cpu.items():
         table += (f"\n\n{runner} runner, CPU seconds used from the burst's registration to its last verdict "
                   f"({used['wall_seconds']:.1f} s of wall time, {os.cpu_count()} cores): "
-                  + ", ".join(f"{k} {v:.1f}" for k, v in used.items() if k != "wall_seconds"))
+                  + ", ".join(f"{k} {v:.1f}" for k, v in used.items() if k not in ("wall_seconds", "machine"))
+                  + (f"; the whole machine {used['machine']:.1f} of {used['wall_seconds'] * os.cpu_count():.1f} "
+                     "CPU-s busy" if "machine" in used else ""))
     if "cold_over_warm_p50" in figures:
         table += f"\n\ncold / warm, p50 overhead of versions registered at once: {figures['cold_over_warm_p50']:.2f}"
     path = write_results(args.name, figures, table)

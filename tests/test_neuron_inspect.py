@@ -57,6 +57,21 @@ def test_smoothness_of_a_block_by_hand() -> None:
     assert smoothness_feature(torch.zeros(3, 5, 5)).tolist() == [0.0, 0.0, 0.0]
 
 
+def test_smoothness_and_threshold_match_the_convolution_and_numpys_quantile() -> None:
+    import numpy as np
+    import torch.nn.functional as F
+
+    from scanner.detectors.neuron_inspect import LAPLACIAN
+
+    maps = torch.rand(3, 7, 11, 13, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    kernel = torch.tensor(LAPLACIAN, dtype=maps.dtype).view(1, 1, 3, 3)
+    convolved = F.conv2d(maps.reshape(-1, 1, 11, 13), kernel, padding=1).abs().sum(dim=(-3, -2, -1)).reshape(3, 7)
+    assert torch.allclose(smoothness_feature(maps), convolved)
+    for quantile in (0.0, 0.5, 0.9, 0.98, 1.0):
+        level = np.quantile(maps.numpy().reshape(3, 7, -1), quantile, axis=-1)[..., None, None]
+        assert torch.equal(threshold_maps(maps, quantile), torch.from_numpy(maps.numpy() > level))
+
+
 def test_threshold_at_each_maps_own_median() -> None:
     ramp = torch.arange(36, dtype=torch.float64).reshape(6, 6)
     on = threshold_maps(torch.stack([ramp, 10 * ramp]))  # median 17.5 and 175: the upper 18 pixels

