@@ -61,6 +61,23 @@ def test_runs_scheduled_runs_in_forked_processes_within_its_limit(prefect_api: s
     assert len(pids) == 2 and os.getpid() not in pids, "each run has its own process, not the worker's"
 
 
+def test_a_scheduled_run_wakes_the_runner_before_its_next_poll(prefect_api: str, tmp_path: Path) -> None:
+    from flows.warm_runner import WarmRunner
+    from tests.warm_flows import writes_pid
+
+    deployment_id = _deployment(writes_pid)
+    runner = WarmRunner("tests.warm_flows:writes_pid", deployment_id, limit=2, poll=120)
+    runner.start()
+    try:
+        time.sleep(5)  # the first poll (nothing due) is done and the listener is subscribed
+        started = time.monotonic()
+        run = _schedule(deployment_id, {"path": str(tmp_path / "pid")})[0]
+        assert _final_state(run, timeout=60).is_completed()
+        assert time.monotonic() - started < 30, "started on the Scheduled event, not the 120 s poll"
+    finally:
+        runner.stop()
+
+
 def test_a_run_whose_process_dies_is_marked_crashed_and_the_runner_goes_on(prefect_api: str, tmp_path: Path) -> None:
     from flows.warm_runner import WarmRunner
     from tests.warm_flows import dies, writes_pid
