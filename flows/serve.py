@@ -83,7 +83,11 @@ def serve_all(watch_interval: float | None = None, limit: int | None = None, pol
     if warm is None:
         warm = os.environ.get("TROJANSCAN_WORKER_WARM", "1").lower() not in ("0", "false", "no")
     scan_deployment = scan_model_version.to_deployment(name="scan-model-version", triggers=[registry_trigger()])
-    others = [registry_watcher.to_deployment(name="registry-watcher", interval=watch_interval, concurrency_limit=1),
+    # no concurrency limit on the watcher: a watcher run left Pending or Running by a killed
+    # worker held the limit's one slot until its lease ran out, and every later poll waited in
+    # AwaitingConcurrencySlot (11 minutes without a poll in benchmarks/faults.py). Two watchers
+    # at once are safe: the claim lock lets one of them scan a version, the other moves on.
+    others = [registry_watcher.to_deployment(name="registry-watcher", interval=watch_interval),
               scan_file.to_deployment(name="scan-file"),
               unlearn_retrain.to_deployment(name="unlearn-retrain")]
     ensure_claim_limits()
