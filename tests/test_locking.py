@@ -7,6 +7,8 @@ import contextlib
 import contextvars
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 from flows.locking import BUCKETS, claim_limit_name, claim_lock, ensure_claim_limits, scan_limit_name, scan_lock
 
@@ -24,38 +26,48 @@ def _other_bucket(name: str, version: str) -> str:
     return next(str(v) for v in range(1000) if claim_limit_name(name, str(v)) != taken)
 
 
-def test_the_same_version_waits_and_another_bucket_does_not(prefect_api: str) -> None:
-    holding, release = threading.Event(), threading.Event()
+def _second_holder_waits(lock: Callable[[], contextlib.AbstractContextManager[Any]],
+                         while_held: Callable[[], None] = lambda: None) -> None:
+    """Hold `lock()` in one thread and run `while_held`; then check that `lock()` taken in a second
+    thread waits until the first is released, and gets it then."""
+    holding, release, got_second = threading.Event(), threading.Event(), threading.Event()
 
     def hold() -> None:
-        with claim_lock("locked-model", "1"):
+        with lock():
             holding.set()
             release.wait(30)
+
+    def second() -> None:
+        with lock():
+            got_second.set()
 
     # threads start with empty context variables: carry the test's Prefect settings over
     holder = threading.Thread(target=contextvars.copy_context().run, args=(hold,))
     holder.start()
     try:
-        assert holding.wait(60), "the first claim got its slot"
-        started = time.monotonic()
-        with claim_lock("locked-model", _other_bucket("locked-model", "1")):
-            other_wait = time.monotonic() - started
-        got_same = threading.Event()
-
-        def same_version() -> None:
-            with claim_lock("locked-model", "1"):
-                got_same.set()
-
-        waiter = threading.Thread(target=contextvars.copy_context().run, args=(same_version,))
+        assert holding.wait(60), "the first holder got its slot"
+        while_held()
+        waiter = threading.Thread(target=contextvars.copy_context().run, args=(second,))
         waiter.start()
-        assert not got_same.wait(2.0), "a second claim of the same version must wait for the first"
+        assert not got_second.wait(2.0), "a second holder of the same key must wait for the first"
         release.set()
         waiter.join(60)
-        assert got_same.is_set(), "and gets the slot once the first is released"
+        assert got_second.is_set(), "and gets the slot once the first is released"
     finally:
         release.set()
         holder.join(60)
-    assert other_wait < 2.0, f"a version in another bucket waited {other_wait:.1f} s"
+
+
+def test_the_same_version_waits_and_another_bucket_does_not(prefect_api: str) -> None:
+    other_waits: list[float] = []
+
+    def claim_another_bucket() -> None:
+        started = time.monotonic()
+        with claim_lock("locked-model", _other_bucket("locked-model", "1")):
+            other_waits.append(time.monotonic() - started)
+
+    _second_holder_waits(lambda: claim_lock("locked-model", "1"), claim_another_bucket)
+    assert other_waits[0] < 2.0, f"a version in another bucket waited {other_waits[0]:.1f} s"
 
 
 def test_the_worker_creates_every_bucket_up_front(prefect_api: str) -> None:
@@ -79,27 +91,7 @@ def test_the_scan_lock_keeps_a_second_scan_of_the_same_bytes_waiting(prefect_api
     with get_client(sync_client=True) as client:  # a worker started from prefect.yaml created none
         with contextlib.suppress(Exception):
             client.delete_global_concurrency_limit_by_name(scan_limit_name(sha256, settings))
-    holding, release, got_second = threading.Event(), threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with scan_lock(sha256, settings, timeout_seconds=60):
-            holding.set()
-            release.wait(30)
-
-    def second() -> None:
-        with scan_lock(sha256, settings, timeout_seconds=60):
-            got_second.set()
-
-    holder = threading.Thread(target=contextvars.copy_context().run, args=(hold,))
-    holder.start()
-    try:
-        assert holding.wait(60), "the first scan got its slot (the missing limit was created)"
-        waiter = threading.Thread(target=contextvars.copy_context().run, args=(second,))
-        waiter.start()
-        assert not got_second.wait(2.0), "a second scan of the same bytes must wait for the first"
-        release.set()
-        waiter.join(60)
-        assert got_second.is_set(), "and goes on once the first is done"
-    finally:
-        release.set()
-        holder.join(60)
+    _second_holder_waits(lambda: scan_lock(sha256, settings, timeout_seconds=60))
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(scan_limit_name(sha256, settings)).limit == 1, \
+            "the missing limit was created, with one slot"
