@@ -58,9 +58,9 @@ def ensure_limit(limit_name: str) -> None:
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit_name, limit=1))
 
 
-def ensure_claim_limits() -> None:
-    """Create every bucket's limit up front (the worker does at start), so a burst of first
-    claims does not also create limits: more writes while Prefect's database is busiest."""
+def ensure_lock_limits() -> None:
+    """Create every bucket's limit of both locks up front (the worker does at start), so a burst
+    of first claims does not also create limits: more writes while Prefect's database is busiest."""
     for prefix in (CLAIM_LIMIT, SCAN_LIMIT):
         for bucket in range(BUCKETS):
             ensure_limit(f"{prefix}-{bucket}")

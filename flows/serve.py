@@ -7,7 +7,7 @@ from __future__ import annotations
 from prefect import serve
 from prefect.events import DeploymentEventTrigger
 
-from flows.locking import ensure_claim_limits
+from flows.locking import ensure_lock_limits
 from flows.scan_file import scan_file
 from flows.scan_version import scan_model_version
 from flows.unlearn import unlearn_retrain
@@ -90,7 +90,7 @@ def serve_all(watch_interval: float | None = None, limit: int | None = None, pol
     others = [registry_watcher.to_deployment(name="registry-watcher", interval=watch_interval),
               scan_file.to_deployment(name="scan-file"),
               unlearn_retrain.to_deployment(name="unlearn-retrain")]
-    ensure_claim_limits()
+    ensure_lock_limits()
     skip_unused_certificate_parsing()
     threads = scan_threads(limit)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # read by torch in Prefect's spawned runs

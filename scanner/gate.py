@@ -35,7 +35,8 @@ from scanner.registry import (ERROR, FLAGGED, GUARD, PATCHED_FROM, REQUESTED_BY,
                               VersionInfo, utc_now)
 
 CLAIM = "trojanscan.claim"
-ScanLock = Callable[[str, str, float], contextlib.AbstractContextManager[Any]]
+ClaimLock = Callable[[str, str], contextlib.AbstractContextManager[Any]]  # (name, version)
+ScanLock = Callable[[str, str, float], contextlib.AbstractContextManager[Any]]  # (sha256, settings hash, timeout s)
 TRANSIENT_RETRIES = 3  # an unreachable registry: tries before the version ends `error`
 TRANSIENT_PAUSE_SECONDS = 5.0  # pause before retry n is n times this
 
@@ -231,7 +232,7 @@ def scan_version(
     version: str,
     workdir: str | Path,
     *,
-    lock: Callable[[str, str], contextlib.AbstractContextManager[Any]] = lambda name, version: contextlib.nullcontext(),
+    lock: ClaimLock = lambda name, version: contextlib.nullcontext(),
     scan_lock: ScanLock = lambda sha256, settings_hash, timeout_seconds: contextlib.nullcontext(),
     reporter: Reporter | None = None,
     requested_by: str = "manual",
@@ -243,8 +244,8 @@ def scan_version(
     `lock(name, version)` serialises claims of the version across processes (a Prefect
     concurrency slot in the flows). `scan_lock(sha256, settings_hash, timeout_seconds)` is held
     from the download to the logged scan run, so two versions with the same bytes scanned at
-    once give one scan: the later one waits and reuses the run. An unreachable registry is retried `retries` times (default
-    TRANSIENT_RETRIES, pauses growing by TRANSIENT_PAUSE_SECONDS) with the same claim; then the
+    once give one scan: the later one waits and reuses the run. An unreachable registry is
+    retried `retries` times (default TRANSIENT_RETRIES, pauses growing by TRANSIENT_PAUSE_SECONDS) with the same claim; then the
     version ends `error`. Raises
     RegistryUnavailable only when even that could not be written: the version keeps its
     `running` claim, is never promoted, and the watcher starts it again once the claim is stale."""
@@ -282,7 +283,7 @@ def scan_version(
 
 
 def _claim_scan_and_gate(registry: Registry, policy: Policy, model_policy: ModelPolicy, outcome: GateOutcome,
-                         workdir: Path, lock: Callable[[str, str], contextlib.AbstractContextManager[Any]],
+                         workdir: Path, lock: ClaimLock,
                          scan_lock: ScanLock, reporter: Reporter, requested_by: str, claim_id: str) -> None:
     name, version = outcome.name, outcome.version
     with lock(name, version):
@@ -338,7 +339,7 @@ def _scan_and_record(registry: Registry, experiment: str, policy: ModelPolicy, i
             run_id = previous
             outcome.reasons = [f"reused scan run {previous} of the same model bytes and settings"]
         else:
-            result, run_id = _scan_and_log(registry, experiment, policy, info, folder, downloaded.model_file,
+            result, run_id = _scan_and_log(registry, experiment, policy, info, folder, out_dir, downloaded.model_file,
                                            sha256, settings_hash, outcome, reporter, claim_id)
     outcome.result_dir = str(out_dir)
     outcome.verdict = result["verdict"]
@@ -361,13 +362,12 @@ def _scan_and_record(registry: Registry, experiment: str, policy: ModelPolicy, i
 
 
 def _scan_and_log(registry: Registry, experiment: str, policy: ModelPolicy, info: VersionInfo, folder: Path,
-                  model_file: Path, sha256: str, settings_hash: str, outcome: GateOutcome, reporter: Reporter,
+                  out_dir: Path, model_file: Path, sha256: str, settings_hash: str, outcome: GateOutcome, reporter: Reporter,
                   claim_id: str) -> tuple[dict[str, Any], str]:
-    """Scan the downloaded model, write result.json and the report, log the scan run; returns
-    the result and the run id."""
+    """Scan the downloaded model, write result.json and the report into `out_dir`, log the scan
+    run; returns the result and the run id."""
     from scanner.scan import scan_fraction, scan_model
 
-    out_dir = folder / "scan"
     data_path, data_reference = registry.resolve_clean_data(info, policy.clean_data, folder / "data")
     reporter.progress(0.02, "scanning")
     budget = _Budget(policy.max_scan_seconds, policy.max_memory_mb)

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flows.locking import BUCKETS, claim_limit_name, claim_lock, ensure_claim_limits, scan_limit_name, scan_lock
+from flows.locking import BUCKETS, claim_limit_name, claim_lock, ensure_lock_limits, scan_limit_name, scan_lock
 
 
 def test_claim_limit_names_are_stable_per_version_and_spread_over_the_buckets() -> None:
@@ -73,8 +73,8 @@ def test_the_same_version_waits_and_another_bucket_does_not(prefect_api: str) ->
 def test_the_worker_creates_every_bucket_up_front(prefect_api: str) -> None:
     from prefect.client.orchestration import get_client
 
-    ensure_claim_limits()
-    ensure_claim_limits()  # a second worker start finds them and creates nothing
+    ensure_lock_limits()
+    ensure_lock_limits()  # a second worker start finds them and creates nothing
     with get_client(sync_client=True) as client:
         slots = {limit.name: limit.limit for limit in client.read_global_concurrency_limits(limit=200)}
     for limit_name in (claim_limit_name, scan_limit_name):
