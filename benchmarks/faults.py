@@ -224,7 +224,7 @@ def main() -> int:
     zoo_dir = root / "zoo"
     manifest = build_zoo("fashion-mnist", "smoke", zoo_dir)
     env = stack.base_env(root)
-    ports = {name: stack.free_port() for name in ("mlflow", "prefect", "receiver")}
+    ports = dict(zip(("mlflow", "prefect", "receiver"), stack.free_ports(3)))
     tracking_uri = f"http://127.0.0.1:{ports['mlflow']}"
     (root / "policy.yaml").write_text(POLICY)
     env.update({"MLFLOW_TRACKING_URI": tracking_uri, "PREFECT_API_URL": f"http://127.0.0.1:{ports['prefect']}/api",

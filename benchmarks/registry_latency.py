@@ -168,7 +168,7 @@ def _run(runner: str, poll: float, args: argparse.Namespace, zoo_dir: Path, mani
     from the burst's registration to its last verdict."""
     root = Path(tempfile.mkdtemp(prefix=f"trojanscan-latency-{runner}-poll{poll:g}-"))
     env = stack.base_env(root)
-    ports = {name: stack.free_port() for name in ("mlflow", "prefect", "receiver")}
+    ports = dict(zip(("mlflow", "prefect", "receiver", "postgres"), stack.free_ports(4)))
     tracking_uri = f"http://127.0.0.1:{ports['mlflow']}"
     api_url = f"http://127.0.0.1:{ports['prefect']}/api"
     (root / "policy.yaml").write_text(POLICY)
@@ -181,7 +181,7 @@ def _run(runner: str, poll: float, args: argparse.Namespace, zoo_dir: Path, mani
     prefect_env, mlflow_store = env, None
     databases = tuple(name for name, db in (("prefect", args.prefect_db), ("mlflow", args.mlflow_db)) if db == "postgres")
     if databases:
-        database, urls = stack.postgres_cluster(root, stack.free_port(), databases)
+        database, urls = stack.postgres_cluster(root, ports["postgres"], databases)
         services.append(database)
         if "prefect" in urls:
             prefect_env = env | {"PREFECT_API_DATABASE_CONNECTION_URL": urls["prefect"].replace("postgresql:", "postgresql+asyncpg:")}

@@ -242,7 +242,7 @@ def run_load(root: Path, deliveries: int, clients: int = 4, seed: int = 0, settl
     Events reach the server's store a little after it accepted them, so the count is repeated
     until it stops changing (or `settle_seconds` pass)."""
     env = stack.base_env(root)
-    prefect_port, receiver_port = stack.free_port(), stack.free_port()
+    prefect_port, receiver_port = stack.free_ports(2)
     api_url = f"http://127.0.0.1:{prefect_port}/api"
     env.update({"PREFECT_API_URL": api_url, "TROJANSCAN_WEBHOOK_SECRET": SECRET})
     prefect = stack.prefect_server(root, prefect_port, env)

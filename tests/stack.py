@@ -18,9 +18,21 @@ BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports. All sockets stay bound until every port is picked:
+    picked one at a time, the kernel may hand out the same port twice (seen in CI: the receiver
+    got the MLflow server's port, failed to bind, and MLflow's /health answered for it)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def wait_http(url: str, timeout: float, process: subprocess.Popen | None = None, expect: str | None = None) -> None:
@@ -159,7 +171,7 @@ def prefect_server(root: Path, port: int, env: dict[str, str]) -> Service:
 
 def receiver(root: Path, port: int, env: dict[str, str]) -> Service:
     args = [str(BIN / "trojanscan"), "serve", "--port", str(port), "--replay-db", str(root / "deliveries.sqlite")]
-    return Service("receiver", args, env, root, health=f"http://127.0.0.1:{port}/health", expect="OK")
+    return Service("receiver", args, env, root, health=f"http://127.0.0.1:{port}/stats", expect='"settled"')
 
 
 def worker(root: Path, env: dict[str, str]) -> Service:

@@ -56,7 +56,7 @@ class Stack:
         self.root = root
         self.zoo_dir, self.manifest = zoo
         self.env = stack.base_env(root)
-        self.mlflow_port, self.prefect_port, self.receiver_port = stack.free_port(), stack.free_port(), stack.free_port()
+        self.mlflow_port, self.prefect_port, self.receiver_port = stack.free_ports(3)
         self.tracking_uri = f"http://127.0.0.1:{self.mlflow_port}"
         (root / "policy.yaml").write_text(POLICY)
         self.env.update({"MLFLOW_TRACKING_URI": self.tracking_uri,

@@ -43,7 +43,7 @@ def test_load_every_genuine_delivery_is_one_event_and_nothing_else(tmp_path: Pat
 
 def test_prefect_down_gives_503_and_the_retry_one_event(tmp_path: Path) -> None:
     env = stack.base_env(tmp_path)
-    prefect_port, receiver_port = stack.free_port(), stack.free_port()
+    prefect_port, receiver_port = stack.free_ports(2)
     api_url = f"http://127.0.0.1:{prefect_port}/api"
     env.update({"PREFECT_API_URL": api_url, "TROJANSCAN_WEBHOOK_SECRET": SECRET})
     receiver = stack.receiver(tmp_path, receiver_port, env)
