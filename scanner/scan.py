@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler
 from scanner import __version__
 from scanner.data import CleanData
 from scanner.detectors import DETECTORS, DetectionResult
+from scanner.detectors.ncpp import same_restoration
 from scanner.detectors.restoration import stamp
 from scanner.errors import DataError, TrojanScanError
 from scanner.images import normalise_heatmap, save_png
@@ -197,8 +198,12 @@ def run_detectors(model: torch.nn.Module, data: CleanData, num_classes: int, set
 
         cascade = CascadeSettings(**settings.detector_settings.get("cascade", {}))
         ranker = choose_ranker(settings.detectors, cascade.ranker)
-    order = sorted(settings.detectors, key=lambda name: name != ranker) if cascade else settings.detectors
-    results = {}
+    order = sorted(settings.detectors, key=lambda name: name != ranker) if cascade else list(settings.detectors)
+    if "nc" in order and "ncpp" in order:  # NC++ judges NC's restoration; NC first lets it reuse it
+        order.remove("nc")
+        order.insert(order.index("ncpp"), "nc")
+    results: dict[str, DetectionResult] = {}
+    used: dict[str, Any] = {}  # each detector's settings, as run
     for name in order:
         cls = DETECTORS[name]
         own = dict(settings.detector_settings.get(name, {}))
@@ -206,7 +211,7 @@ def run_detectors(model: torch.nn.Module, data: CleanData, num_classes: int, set
         # default (2 for the published detectors, 3 for `hotspot`, see its module)
         if "threshold" in settings.model_fields_set:
             own.setdefault("threshold", settings.threshold)
-        detector_settings = cls.settings_model(**own)
+        detector_settings = used[name] = cls.settings_model(**own)
         kwargs = {"seed": settings.seed, "device": device}
         if progress is not None:
             kwargs["progress"] = progress
@@ -215,6 +220,8 @@ def run_detectors(model: torch.nn.Module, data: CleanData, num_classes: int, set
             from scanner.cascade import cascade_tabor
 
             results[name] = cascade_tabor(detector, results[ranker], model, data, num_classes, cascade)
+        elif name == "ncpp" and "nc" in results and same_restoration(detector_settings, used["nc"]):
+            results[name] = detector.judge_neural_cleanse(model, data, results["nc"])
         else:
             results[name] = detector.scan(model, data, num_classes)
     return {name: results[name] for name in settings.detectors}  # the requested order, as in full mode
