@@ -29,13 +29,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.results_file import RESULTS_DIR, markdown_table, write_results  # noqa: E402
+from scanner.detectors import DETECTORS  # noqa: E402
 from scanner.metrics import correctness, mask_f1  # noqa: E402
 from scanner.scan import ScanSettings, scan_model  # noqa: E402
 from scanner.zoo import load_manifest  # noqa: E402
 
 
 def cache_key(sha256: str, settings: ScanSettings) -> str:
-    payload = json.dumps({"model": sha256, "settings": settings.model_dump(mode="json")}, sort_keys=True)
+    """Model and fully resolved settings: each detector's settings with its defaults filled in, so
+    a row scanned with an override stays cached once that override becomes the default."""
+    scan = settings.model_dump(mode="json", exclude={"detector_settings"})
+    resolved = {name: DETECTORS[name].settings_model(**settings.detector_settings.get(name, {})).model_dump(mode="json")
+                for name in settings.detectors}
+    payload = json.dumps({"model": sha256, "settings": scan, "detectors": resolved}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
