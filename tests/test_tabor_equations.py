@@ -90,7 +90,7 @@ def test_row_adam_moves_only_the_active_rows():
 
 
 def test_cost_schedule_follows_neural_cleanse():
-    s = RestorationSettings(patience=2, init_cost=1e-3, early_stop_patience=3)
+    s = RestorationSettings(patience=2, init_cost=1e-3, early_stop_patience=3, stop_needs_down_move=True)
     schedule = _Schedule(1, s)
     schedule.check(0, asr=1.0, l1=50)
     assert schedule.cost[0] == 0  # not yet: needs `patience` successful checks
@@ -106,6 +106,19 @@ def test_cost_schedule_follows_neural_cleanse():
     for _ in range(3):
         schedule.check(0, asr=1.0, l1=25)
     assert schedule.done[0]
+
+
+@pytest.mark.parametrize("needs_down_move", [False, True])
+def test_class_stops_without_a_down_move_unless_neural_cleanse_rule(needs_down_move: bool):
+    s = RestorationSettings(patience=2, init_cost=1e-3, early_stop_patience=3, stop_needs_down_move=needs_down_move)
+    schedule = _Schedule(1, s)
+    for l1 in (50, 40, 30, 20):  # cost set, then moved up once
+        schedule.check(0, asr=1.0, l1=l1)
+    assert schedule.moved_up[0] and not schedule.moved_down[0]
+    for _ in range(3):  # working but no 1% better: stale for `early_stop_patience` checks
+        schedule.check(0, asr=1.0, l1=19.9)
+    assert not schedule.moved_down[0]
+    assert schedule.done[0] == (not needs_down_move)
 
 
 class PixelModel(nn.Module):

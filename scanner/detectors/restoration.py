@@ -14,8 +14,16 @@ Cost schedule, per class (Neural Cleanse): the size penalty's cost starts at 0; 
 trigger's attack success has been >= `asr_threshold` for `patience` checks, cost = `init_cost`;
 then after `patience` checks above the threshold cost *= 2, after `patience` checks below it
 cost /= 2**1.5. The best trigger is the one with the smallest mask L1 among those whose
-attack success was >= the threshold (not the last one). A class stops after both an up and a down
-move and `early_stop_patience` checks without a 1% improvement, or after `max_steps` steps.
+attack success was >= the threshold (not the last one). A class stops after `early_stop_patience`
+checks without a 1% improvement once its cost has moved up, or after `max_steps` steps.
+
+Our stopping rule differs from Neural Cleanse's, which also waits for a down move
+(`stop_needs_down_move=True` restores it). A down move needs `patience` checks in a row below
+the threshold; a trigger whose attack success hovers around 0.99 rarely gets them, so its class
+keeps running with no better trigger to find. Measured on eight classes of a 43-class signs
+model (two threads): Neural Cleanse's rule 5570 steps (two classes ran 1210 and 1500 steps),
+ours 3800 steps, -32%; the best mask L1s agreed to within 5% (target class 6.5 vs 7.1 pixels,
+the others 90-152). The best trigger kept is the same kind either way: the smallest that worked.
 A "check" is `check_every` mini-batch steps (Neural Cleanse's epoch is ~31 mini-batches; a
 shorter period reacts faster and converges in fewer images).
 
@@ -53,6 +61,8 @@ class RestorationSettings(DetectorSettings):
     asr_threshold: float = Field(0.99, gt=0, le=1, description="attack success that counts as working")
     patience: int = Field(5, ge=1, le=100, description="checks before the cost changes")
     early_stop_patience: int = Field(10, ge=1, le=1000, description="checks without improvement before stopping")
+    stop_needs_down_move: bool = Field(False, description="Neural Cleanse's rule: stop only after the cost has "
+                                       "also moved down once (slower; see the module docstring)")
     slots: int = Field(0, ge=0, le=1000, description="classes optimised together; 0 = sized to the device")
     min_images_per_class: int = Field(0, ge=0, description="refuse data with fewer clean images of a class")
 
@@ -149,7 +159,8 @@ class _Schedule:
             elif self.down[k] >= s.patience:
                 self.down[k], self.moved_down[k] = 0, True
                 self.cost[k] /= 2.0 ** 1.5
-        if self.moved_up[k] and self.moved_down[k] and self.stale[k] >= s.early_stop_patience:
+        moved = self.moved_up[k] and (self.moved_down[k] or not s.stop_needs_down_move)
+        if moved and self.stale[k] >= s.early_stop_patience:
             self.done[k] = True
         return improved
 
