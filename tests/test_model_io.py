@@ -88,6 +88,28 @@ def test_loads_export_with_gradients(
     assert x.grad is not None and x.grad.abs().sum().item() > 0
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_cpu_placement_goes_channels_last_with_the_same_logits_and_gradients(
+    fmt: str, files: dict[str, Path], images: np.ndarray
+) -> None:
+    from scanner.scan import place_on_device
+
+    plain = load_model(files[fmt], check_data=images).module
+    placed = place_on_device(load_model(files[fmt], check_data=images).module, torch.device("cpu"))
+    convs = [p for p in placed.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert any(not p.is_contiguous() for p in convs)  # a one-channel kernel is both layouts at once
+    outputs = []
+    for module in (plain, placed):
+        x = torch.from_numpy(images).requires_grad_(True)
+        logits = module(x)
+        logits[:, 3].sum().backward()
+        outputs.append((logits.detach(), x.grad))
+    (logits_a, grad_a), (logits_b, grad_b) = outputs
+    assert (logits_a - logits_b).abs().max().item() < 1e-4
+    assert (grad_a - grad_b).abs().max().item() < 1e-4 * max(1.0, grad_a.abs().max().item())
+
+
 def test_onnx_details_record_runtime_check(files: dict[str, Path]) -> None:
     details = load_model(files["onnx"]).details  # no data: a fixed random batch
     assert details["check_batch"]["source"] == "random"
