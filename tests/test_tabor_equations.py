@@ -18,9 +18,11 @@ from scanner.detectors.restoration import (
 )
 from scanner.detectors.tabor import (
     TaborSettings,
+    blocking_and_overlaying,
     elastic_net,
     neighbour_differences,
     tabor_anomaly_metric,
+    tabor_extra_terms,
     tabor_regularizers,
     xai_prune_mask,
 )
@@ -53,6 +55,29 @@ def test_tabor_regularizers_weight_each_term():
     assert tabor_regularizers(mask, pattern, outside).item() == pytest.approx(24.0)
     smooth = TaborSettings(mask_elastic=0, pattern_elastic=0, mask_smoothness=2, pattern_smoothness=0)
     assert tabor_regularizers(mask, pattern, smooth).item() == pytest.approx(16.0)
+
+
+@pytest.mark.parametrize("blocking, overlaying", [(0.1, 0.01), (0.1, 0.0), (0.0, 0.01), (0.0, 0.0)])
+def test_blocking_and_overlaying_in_the_shared_forward_pass(blocking: float, overlaying: float):
+    """R3 = CE(f((1-M)x), y) over the first blocking_images, R4 = CE(f(M*Delta), t); the same when
+    their images ride behind the stamped batch in one pass, as restore_triggers sends them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x, y = torch.rand((5, 1, 4, 4)), torch.tensor([0, 1, 2, 0, 1])
+    mask = torch.cat([block_mask(), block_mask(top=0, left=2)])
+    pattern, targets = torch.rand((2, 1, 4, 4)), torch.tensor([2, 1])
+    s = TaborSettings(blocking=blocking, overlaying=overlaying, blocking_images=3)
+    expected = torch.zeros(2)
+    for row in range(2):
+        r3 = nn.functional.cross_entropy(model((1 - mask[row]) * x[:3]), y[:3])
+        r4 = nn.functional.cross_entropy(model(mask[row:row + 1] * pattern[row:row + 1]), targets[row:row + 1])
+        expected[row] = blocking * r3 + overlaying * r4
+    assert torch.allclose(blocking_and_overlaying(model, x, y, mask, pattern, targets, s), expected, atol=1e-6)
+    stamped = stamp(x, mask, pattern)
+    inputs, loss_of = tabor_extra_terms(x, y, mask, pattern, targets, s)
+    assert len(inputs) == (6 if blocking else 0) + (2 if overlaying else 0)
+    shared = model(torch.cat([stamped, inputs]))
+    assert torch.allclose(loss_of(shared[len(stamped):]), expected, atol=1e-6)
 
 
 def test_anomaly_metric_eq5_on_known_numbers_and_guards():

@@ -23,7 +23,7 @@ from scanner.fashion_mnist import load_fashion_mnist
 from scanner.model_io import load_model
 from scanner.detectors.base import DetectionResult, RestoredTrigger
 from scanner.detectors.restoration import restore_triggers
-from scanner.detectors.tabor import TaborSettings, blocking_and_overlaying, tabor_regularizers
+from scanner.detectors.tabor import TaborSettings, tabor_extra_terms, tabor_regularizers
 from scanner.scan import ScanResult, ScanSettings, save_artifacts
 from scanner.unlearning import (
     TrueTrigger,
@@ -68,7 +68,7 @@ def smoke(fm_smoke_zoo, tmp_path_factory):
     outcome = restore_triggers(
         loaded.module, clean.x, clean.y, 10, s, seed=0, device=torch.device("cpu"), slots=1,
         size_penalty=lambda mask, pattern: tabor_regularizers(mask, pattern, s),
-        extra_loss=lambda m, x, y, mask, pattern, t: blocking_and_overlaying(m, x, y, mask, pattern, t, s),
+        extra_terms=lambda x, y, mask, pattern, t: tabor_extra_terms(x, y, mask, pattern, t, s),
         classes=[target])
     assert outcome.reached[target] and outcome.attack_success[target] >= 0.9
     trigger = RestoredTrigger(mask=outcome.masks[target], pattern=outcome.patterns[target],

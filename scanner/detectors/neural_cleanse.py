@@ -31,7 +31,7 @@ def mask_l1(mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
 
 
 def restore_all(detector: Detector, model: torch.nn.Module, data: CleanData, num_classes: int,
-                size_penalty=mask_l1, extra_loss=None) -> tuple[RestorationOutcome, dict]:
+                size_penalty=mask_l1, extra_terms=None) -> tuple[RestorationOutcome, dict]:
     """Run the batched restoration with the detector's settings; returns the outcome and notes."""
     settings: RestorationSettings = detector.settings  # type: ignore[assignment]
     notes: dict = {}
@@ -41,7 +41,7 @@ def restore_all(detector: Detector, model: torch.nn.Module, data: CleanData, num
                                                     settings.batch_size, num_classes)
     outcome = restore_triggers(
         model, data.x, data.y, num_classes, settings, detector.seed, detector.device, slots,
-        size_penalty=size_penalty, extra_loss=extra_loss, progress=detector.progress, name=detector.name,
+        size_penalty=size_penalty, extra_terms=extra_terms, progress=detector.progress, name=detector.name,
     )
     notes["slots"] = outcome.slots
     notes["steps"] = outcome.steps.tolist()

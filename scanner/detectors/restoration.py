@@ -45,10 +45,12 @@ from scanner.detectors.base import DetectorSettings, Progress
 from scanner.errors import TrojanScanError
 
 EPSILON = 1e-7
-# extra_loss(model, x, y, mask, pattern, targets) -> per-class loss (A,): a detector's fixed-weight
-# terms; x (B,C,H,W) is the step's clean batch and y its true labels.
-ExtraLoss = Callable[
-    [torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
+# extra_terms(x, y, mask, pattern, targets) -> (inputs (B',C,H,W), loss_of): a detector's
+# fixed-weight terms; x (B,C,H,W) is the step's clean batch and y its true labels. Their images
+# ride in the stamped batch's forward pass, and loss_of(their logits) gives the per-class loss (A,).
+ExtraTerms = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]],
 ]
 
 
@@ -175,7 +177,7 @@ def restore_triggers(
     device: torch.device,
     slots: int,
     size_penalty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    extra_loss: ExtraLoss | None = None,
+    extra_terms: ExtraTerms | None = None,
     classes: list[int] | None = None,
     progress: Progress | None = None,
     name: str = "restore",
@@ -183,8 +185,12 @@ def restore_triggers(
     """Optimise a trigger for every class in `classes` (default all) and keep each one's best.
 
     size_penalty(mask (A,1,H,W), pattern (A,C,H,W)) -> (A,) is the term the cost multiplies
-    (Neural Cleanse: the mask's L1; TABOR: its eq. (2)/R2 regularisers). extra_loss adds
-    fixed-weight per-class terms (TABOR's R3/R4).
+    (Neural Cleanse: the mask's L1; TABOR: its eq. (2)/R2 regularisers). extra_terms adds
+    fixed-weight per-class terms (TABOR's R3/R4) whose images go through the model in the same
+    forward pass as the stamped batch: one pass per step instead of three. On 2 CPU cores a TABOR
+    step of 10 classes on fm-square5-br went from 6.8 to 6.2 ms per class (9%; with its 8 blocked
+    images and the overlay per class it costs 1.2-1.4x a Neural Cleanse step); on a GPU, where a
+    small pass is launch-bound, fewer passes should matter more (not measured).
     """
     classes = list(range(num_classes)) if classes is None else list(classes)
     generator = torch.Generator().manual_seed(seed)
@@ -218,12 +224,16 @@ def restore_triggers(
         p_param = pattern_table[rows].clone().requires_grad_(True)
         mask, pattern = to_unit(m_param), to_unit(p_param)
         targets = rows.repeat_interleave(settings.batch_size)
-        logits = model(stamp(batch, mask, pattern))
+        stamped = stamp(batch, mask, pattern)
+        extra_inputs, extra_loss_of = (extra_terms(batch, labels[picked], mask, pattern, rows)
+                                       if extra_terms is not None else (stamped[:0], None))
+        all_logits = model(torch.cat([stamped, extra_inputs]) if len(extra_inputs) else stamped)
+        logits = all_logits[:len(stamped)]
         ce = F.cross_entropy(logits, targets, reduction="none").view(len(active), -1).mean(1)
         cost = torch.tensor(schedule.cost[active], dtype=ce.dtype, device=device)
         loss_per_class = ce + cost * size_penalty(mask, pattern)
-        if extra_loss is not None:
-            loss_per_class = loss_per_class + extra_loss(model, batch, labels[picked], mask, pattern, rows)
+        if extra_loss_of is not None:
+            loss_per_class = loss_per_class + extra_loss_of(all_logits[len(stamped):])
         m_grad, p_grad = torch.autograd.grad(loss_per_class.sum(), (m_param, p_param))
         if not (torch.isfinite(m_grad).all() and torch.isfinite(p_grad).all()):
             raise TrojanScanError(f"{name}: trigger optimisation diverged (NaN/inf gradient)")

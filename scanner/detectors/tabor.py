@@ -27,6 +27,7 @@ Pruning (eq. 4, `xai_prune_mask`) and the anomaly metric (eq. 5, `tabor_anomaly_
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -83,19 +84,33 @@ def tabor_regularizers(mask: torch.Tensor, pattern: torch.Tensor, s: TaborSettin
             + s.mask_smoothness * neighbour_differences(mask) + s.pattern_smoothness * neighbour_differences(pattern))
 
 
+def tabor_extra_terms(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor,
+                      targets: torch.Tensor, s: TaborSettings) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """R3 and R4 split for one shared forward pass: the images they judge (the blocked clean
+    images (1-M)*x of R3, then the trigger alone M*Delta of R4) and the function that turns
+    those images' logits into R3 + R4 per class (A,)."""
+    few, few_y = x[: s.blocking_images], y[: s.blocking_images]
+    blocked = ((1 - mask)[:, None] * few[None]).reshape(-1, *x.shape[1:]) if s.blocking > 0 else x[:0]
+    overlaid = mask * pattern if s.overlaying > 0 else x[:0]
+
+    def loss_of(logits: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(len(targets), device=x.device)
+        if s.blocking > 0:
+            ce = F.cross_entropy(logits[: len(blocked)], few_y.repeat(len(targets)), reduction="none")
+            total = total + s.blocking * ce.view(len(targets), -1).mean(1)
+        if s.overlaying > 0:
+            total = total + s.overlaying * F.cross_entropy(logits[len(blocked):], targets, reduction="none")
+        return total
+
+    return torch.cat([blocked, overlaid]), loss_of
+
+
 def blocking_and_overlaying(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
                             pattern: torch.Tensor, targets: torch.Tensor, s: TaborSettings) -> torch.Tensor:
     """R3 + R4 per class (A,): R3 = CE(f((1-M)*x), y) keeps the key object visible;
     R4 = CE(f(M*Delta), target) makes the trigger alone carry the class."""
-    total = torch.zeros(len(targets), device=x.device)
-    if s.blocking > 0:
-        few, few_y = x[: s.blocking_images], y[: s.blocking_images]
-        blocked = ((1 - mask)[:, None] * few[None]).reshape(-1, *x.shape[1:])
-        ce = F.cross_entropy(model(blocked), few_y.repeat(len(targets)), reduction="none")
-        total = total + s.blocking * ce.view(len(targets), -1).mean(1)
-    if s.overlaying > 0:
-        total = total + s.overlaying * F.cross_entropy(model(mask * pattern), targets, reduction="none")
-    return total
+    inputs, loss_of = tabor_extra_terms(x, y, mask, pattern, targets, s)
+    return loss_of(model(inputs) if len(inputs) else inputs)  # with R3 and R4 off, loss_of reads no logits
 
 
 def xai_prune_mask(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, masks: np.ndarray, patterns: np.ndarray,
@@ -226,7 +241,7 @@ class Tabor(Detector):
         outcome, notes = restore_all(
             self, model, data, num_classes,
             size_penalty=lambda mask, pattern: tabor_regularizers(mask, pattern, s),
-            extra_loss=lambda m, x, y, mask, pattern, targets: blocking_and_overlaying(m, x, y, mask, pattern, targets, s),
+            extra_terms=lambda x, y, mask, pattern, targets: tabor_extra_terms(x, y, mask, pattern, targets, s),
         )
         triggers = restored_triggers(model, data, outcome, self.device)
         mask_l1 = outcome.masks.reshape(num_classes, -1).sum(1)
@@ -253,7 +268,7 @@ class Tabor(Detector):
         outcome = restore_triggers(
             model, data.x, data.y, num_classes, s, self.seed, self.device, slots,
             size_penalty=lambda mask, pattern: tabor_regularizers(mask, pattern, s),
-            extra_loss=lambda m, x, y, mask, pattern, targets: blocking_and_overlaying(m, x, y, mask, pattern, targets, s),
+            extra_terms=lambda x, y, mask, pattern, targets: tabor_extra_terms(x, y, mask, pattern, targets, s),
             classes=chosen, progress=self.progress, name=self.name,
         )
         triggers = {
