@@ -49,6 +49,9 @@ def test_trojaned_model_is_flagged_with_its_target(smoke, tmp_path):
     # the restored trigger sits where the real one is: bottom-right 4x4 at rows/cols 23..26
     assert mask[20:28, 20:28].sum() > 0.5 * mask.sum()
     assert (tmp_path / result["detectors"]["ni"]["artifacts"]["7"]["saliency"]).is_file()
+    probe = result["detectors"]["tabor"]["notes"]["device_probe"]  # auto precision: both were measured
+    assert {"fp32_images_per_second", "bf16_images_per_second"} <= set(probe)
+    assert result["detectors"]["tabor"]["notes"]["precision"] == probe["precision"]
 
 
 def test_a_scan_that_flags_nothing_exits_0_with_a_clean_verdict(smoke, tmp_path):
@@ -102,5 +105,7 @@ def test_unsupported_file_and_usage_errors(smoke, tmp_path):
     assert done.returncode == 3 and one_line(done.stderr)
     done = run_cli("scan", str(junk), "--detectors", "nc,nonsense")
     assert done.returncode == 4 and "usage" in one_line(done.stderr)
+    done = run_cli("scan", str(junk), "--precision", "fp16")
+    assert done.returncode == 4 and "--precision" in one_line(done.stderr)
     done = run_cli("scan", str(junk), "--no-such-flag")
     assert done.returncode == 4 and "usage" in one_line(done.stderr)

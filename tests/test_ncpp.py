@@ -6,9 +6,9 @@ import torch
 
 from scanner.scan import ScanSettings, run_detectors
 
-# Short restorations with fixed slots (no device probe): seconds on one core, and the same
+# Short restorations with fixed slots and precision (no device probe): seconds on one core, and the same
 # triggers every time for one seed.
-QUICK = {"max_steps": 150, "slots": 10, "check_every": 5}
+QUICK = {"max_steps": 150, "slots": 10, "check_every": 5, "precision": "fp32"}
 
 
 @pytest.fixture(scope="module")

@@ -176,7 +176,8 @@ def test_slots_take_the_largest_batch_near_the_fastest():
     assert near_fastest_batch({32: 100.0, 512: 84.0}) == 32
     assert near_fastest_batch({32: 50.0, 64: 100.0, 128: 86.0}) == 128
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
-    slots, probe = choose_slots(model, (1, 4, 4), torch.device("cpu"), images_per_class=32, num_classes=3)
+    slots, bf16, probe = choose_slots(model, (1, 4, 4), torch.device("cpu"), images_per_class=32, num_classes=3)
+    assert not bf16 and probe["precision"] == "fp32"  # the default precision is float32, probed alone
     rates = {int(k): v for k, v in probe["images_per_second"].items()}  # rounded to 0.1 in the notes
     top, chosen = max(rates.values()), probe["chosen_batch"]
     assert rates[chosen] >= NEAR_FASTEST * top - 0.2

@@ -39,7 +39,7 @@ class NCPlusPlus(Detector):
         started = time.perf_counter()
         outcome, notes = restore_all(self, model, data, num_classes)
         triggers = restored_triggers(model, data, outcome, self.device)
-        return self._judge(model, data, triggers, outcome.mask_l1, outcome.slots, notes, started)
+        return self._judge(model, data, triggers, outcome.mask_l1, outcome.slots, notes, started, outcome.bf16)
 
     def judge_neural_cleanse(self, model: torch.nn.Module, data: CleanData, nc: DetectionResult) -> DetectionResult:
         """NC++ from a Neural Cleanse result of the same model, data, seed and restoration
@@ -48,13 +48,14 @@ class NCPlusPlus(Detector):
         started = time.perf_counter()
         triggers: dict[int, RestoredTrigger] = {k: copy.deepcopy(t) for k, t in nc.triggers.items()}
         notes = {"restoration": "shared with nc", "restoration_seconds": round(nc.seconds, 3),
-                 **{k: v for k, v in nc.notes.items() if k in ("slots", "steps", "device_probe")}}
-        return self._judge(model, data, triggers, nc.statistics["mask_l1"], nc.notes["slots"], notes, started)
+                 **{k: v for k, v in nc.notes.items() if k in ("slots", "steps", "device_probe", "precision")}}
+        return self._judge(model, data, triggers, nc.statistics["mask_l1"], nc.notes["slots"], notes, started,
+                           nc.notes.get("precision") == "bf16")
 
     def _judge(self, model: torch.nn.Module, data: CleanData, triggers: dict[int, RestoredTrigger], mask_l1,
-               slots: int, notes: dict, started: float) -> DetectionResult:
+               slots: int, notes: dict, started: float, bf16: bool) -> DetectionResult:
         s: NCPlusPlusSettings = self.settings  # type: ignore[assignment]
-        index, statistics = judge_with_tabor_metric(self, model, data, triggers, mask_l1, slots, s)
+        index, statistics = judge_with_tabor_metric(self, model, data, triggers, mask_l1, slots, s, bf16)
         return DetectionResult(
             detector=self.name, anomaly_index=index, flagged_classes=flag(index, s.threshold),
             statistics=statistics, settings=s.model_dump(), seed=self.seed,

@@ -16,7 +16,7 @@ from scanner.detectors.restoration import (
     RestorationOutcome,
     RestorationSettings,
     attack_success,
-    choose_slots,
+    plan_restoration,
     restore_triggers,
 )
 
@@ -34,14 +34,11 @@ def restore_all(detector: Detector, model: torch.nn.Module, data: CleanData, num
                 size_penalty=mask_l1, extra_terms=None) -> tuple[RestorationOutcome, dict]:
     """Run the batched restoration with the detector's settings; returns the outcome and notes."""
     settings: RestorationSettings = detector.settings  # type: ignore[assignment]
-    notes: dict = {}
-    slots = settings.slots
-    if not slots:
-        slots, notes["device_probe"] = choose_slots(model, data.image_shape, detector.device,
-                                                    settings.batch_size, num_classes)
+    slots, bf16, notes = plan_restoration(model, data.image_shape, detector.device, settings, num_classes)
     outcome = restore_triggers(
         model, data.x, data.y, num_classes, settings, detector.seed, detector.device, slots,
         size_penalty=size_penalty, extra_terms=extra_terms, progress=detector.progress, name=detector.name,
+        bf16=bf16,
     )
     notes["slots"] = outcome.slots
     notes["steps"] = outcome.steps.tolist()

@@ -42,8 +42,9 @@ from scanner.detectors.restoration import (
     RestorationSettings,
     _RowAdam,
     attack_success,
-    choose_slots,
     from_unit,
+    logits_of,
+    plan_restoration,
     restore_triggers,
     stamp,
     to_unit,
@@ -115,7 +116,7 @@ def blocking_and_overlaying(model: torch.nn.Module, x: torch.Tensor, y: torch.Te
 
 def xai_prune_mask(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, masks: np.ndarray, patterns: np.ndarray,
                    s: TaborSettings, seed: int, device: torch.device, slots: int,
-                   classes: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   classes: list[int] | None = None, bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Eq. (4): for each class t, stamp the restored trigger (M_t, Delta_t) on clean images and find
     the smallest explanation mask M-hat that still gets the stamped images classified as t:
         argmin_{M-hat} CE(f(((1-M)x + M Delta) * M-hat), t) + lambda * R_elastic(M-hat).
@@ -127,7 +128,7 @@ def xai_prune_mask(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, masks: 
     mask is M * M-hat: the part of the restored mask the explanation keeps, so eq. (5)'s
     difference ||M||_1 - ||M * M-hat||_1 is never negative.
     `classes[i]` is the class row i was restored for (default: row i is class i; the cascade
-    passes a subset).
+    passes a subset). `bf16`: the model computes in bfloat16 autocast, as in the restoration.
     Returns (refined masks (K,H,W), attack success of each kept M-hat).
     """
     k_all, h, w = masks.shape
@@ -156,7 +157,7 @@ def xai_prune_mask(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, masks: 
             bad = stamp(batch, m_fixed[rows], p_fixed[rows]).view(len(chunk), s.batch_size, *batch.shape[1:])
             pruned = (bad * m_hat[:, None]).reshape(-1, *batch.shape[1:])
             targets = row_class[rows].repeat_interleave(s.batch_size)
-            logits = model(pruned)
+            logits = logits_of(model, pruned, bf16)
             ce = F.cross_entropy(logits, targets, reduction="none").view(len(chunk), -1).mean(1)
             lam_t = torch.tensor(lam[chunk], dtype=ce.dtype, device=device)
             (grad,) = torch.autograd.grad((ce + lam_t * elastic_net(m_hat)).sum(), (param,))
@@ -203,23 +204,23 @@ def tabor_anomaly_metric(mask_l1: np.ndarray, refined_l1: np.ndarray, attack_suc
 
 def judge_with_tabor_metric(detector: Detector, model: torch.nn.Module, data: CleanData,
                             triggers: dict[int, RestoredTrigger], mask_l1: np.ndarray, slots: int,
-                            s: TaborSettings) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                            s: TaborSettings, bf16: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Prune every class's restored trigger (eq. 4), score it (eq. 5), MAD on the low tail.
     Fills each trigger's refined_mask; returns (anomaly index, statistics)."""
-    statistics = tabor_statistics(detector, model, data, triggers, mask_l1, slots, s)
+    statistics = tabor_statistics(detector, model, data, triggers, mask_l1, slots, s, bf16)
     return mad_anomaly_index(statistics["tabor_metric"], tail="low"), statistics
 
 
 def tabor_statistics(detector: Detector, model: torch.nn.Module, data: CleanData,
                      triggers: dict[int, RestoredTrigger], mask_l1: np.ndarray, slots: int,
-                     s: TaborSettings) -> dict[str, np.ndarray]:
+                     s: TaborSettings, bf16: bool = False) -> dict[str, np.ndarray]:
     """Eq. (4) pruning and eq. (5) metric for the restored triggers, without the MAD step; arrays
     are in the order of sorted(triggers) (all classes in a full scan, a subset in the cascade)."""
     order = sorted(triggers)
     masks = np.stack([triggers[k].mask for k in order])
     patterns = np.stack([triggers[k].pattern for k in order])
     refined, pruned_asr = xai_prune_mask(model, data.x, data.y, masks, patterns, s, detector.seed,
-                                         detector.device, slots, classes=order)
+                                         detector.device, slots, classes=order, bf16=bf16)
     for row, k in enumerate(order):
         triggers[k].refined_mask = refined[row]
     success = np.array([triggers[k].attack_success for k in order])
@@ -245,7 +246,8 @@ class Tabor(Detector):
         )
         triggers = restored_triggers(model, data, outcome, self.device)
         mask_l1 = outcome.masks.reshape(num_classes, -1).sum(1)
-        index, statistics = judge_with_tabor_metric(self, model, data, triggers, mask_l1, outcome.slots, s)
+        index, statistics = judge_with_tabor_metric(self, model, data, triggers, mask_l1, outcome.slots, s,
+                                                    outcome.bf16)
         return DetectionResult(
             detector=self.name, anomaly_index=index, flagged_classes=flag(index, s.threshold),
             statistics=statistics, settings=s.model_dump(), seed=self.seed,
@@ -261,15 +263,12 @@ class Tabor(Detector):
         chosen = sorted(set(int(k) for k in classes))
         if not chosen or chosen[0] < 0 or chosen[-1] >= num_classes:
             raise TrojanScanError(f"tabor: classes to restore must be in 0..{num_classes - 1}, got {classes}")
-        notes: dict = {}
-        slots = s.slots
-        if not slots:
-            slots, notes["device_probe"] = choose_slots(model, data.image_shape, self.device, s.batch_size, len(chosen))
+        slots, bf16, notes = plan_restoration(model, data.image_shape, self.device, s, len(chosen))
         outcome = restore_triggers(
             model, data.x, data.y, num_classes, s, self.seed, self.device, slots,
             size_penalty=lambda mask, pattern: tabor_regularizers(mask, pattern, s),
             extra_terms=lambda x, y, mask, pattern, targets: tabor_extra_terms(x, y, mask, pattern, targets, s),
-            classes=chosen, progress=self.progress, name=self.name,
+            classes=chosen, progress=self.progress, name=self.name, bf16=bf16,
         )
         triggers = {
             k: RestoredTrigger(mask=outcome.masks[k], pattern=outcome.patterns[k],
@@ -278,6 +277,6 @@ class Tabor(Detector):
             for k in chosen
         }
         mask_l1 = outcome.masks[chosen].reshape(len(chosen), -1).sum(1)
-        statistics = tabor_statistics(self, model, data, triggers, mask_l1, outcome.slots, s)
+        statistics = tabor_statistics(self, model, data, triggers, mask_l1, outcome.slots, s, outcome.bf16)
         notes |= {"slots": outcome.slots, "steps": outcome.steps[chosen].tolist()}
         return triggers, statistics, notes

@@ -1,0 +1,73 @@
+"""bfloat16 restoration: the model's arithmetic under autocast, chosen by the start-of-scan probe."""
+
+import pytest
+import torch
+from torch import nn
+
+from scanner.detectors.restoration import (
+    BF16_MIN_GAIN,
+    RestorationSettings,
+    choose_slots,
+    logits_of,
+    plan_restoration,
+)
+from scanner.scan import ScanSettings, run_detectors
+
+TARGET = 7  # the smoke zoo's trojan target
+QUICK = {"max_steps": 400, "slots": 10}  # fixed slots: only the precision differs between runs
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 5)).eval()
+
+
+def test_bf16_logits_are_float32_close_to_fp32_and_carry_input_gradients():
+    model, x = small_cnn(), torch.rand(16, 1, 8, 8)
+    exact = logits_of(model, x)
+    x_bf16 = x.clone().requires_grad_(True)
+    rough = logits_of(model, x_bf16, bf16=True)
+    assert rough.dtype == torch.float32
+    assert torch.allclose(rough, exact, atol=0.05 * float(exact.abs().max()))
+    assert not torch.equal(rough, exact)  # bfloat16 did run: its rounding shows
+    x_fp32 = x.clone().requires_grad_(True)
+    logits_of(model, x_fp32).logsumexp(1).sum().backward()
+    rough.logsumexp(1).sum().backward()
+    assert torch.isfinite(x_bf16.grad).all()
+    assert torch.cosine_similarity(x_bf16.grad.flatten(), x_fp32.grad.flatten(), dim=0) > 0.99
+
+
+def test_auto_precision_takes_bf16_only_for_a_clear_gain():
+    slots, bf16, probe = choose_slots(small_cnn(), (1, 8, 8), torch.device("cpu"), images_per_class=32,
+                                      num_classes=5, precision="auto")
+    fp32_best = max(probe["fp32_images_per_second"].values())
+    bf16_best = max(probe["bf16_images_per_second"].values())
+    assert bf16 == (bf16_best >= BF16_MIN_GAIN * fp32_best)
+    assert probe["precision"] == ("bf16" if bf16 else "fp32")
+    chosen = probe["bf16_images_per_second" if bf16 else "fp32_images_per_second"]
+    assert probe["images_per_second"] == chosen  # slots are sized on the rates of the chosen precision
+    assert 1 <= slots <= 5
+
+
+def test_fixed_precision_is_taken_as_given():
+    _, bf16, probe = choose_slots(small_cnn(), (1, 8, 8), torch.device("cpu"), 32, 5, precision="bf16")
+    assert bf16 and probe["precision"] == "bf16" and "fp32_images_per_second" not in probe
+    # slots and precision both fixed: nothing to probe
+    slots, bf16, notes = plan_restoration(small_cnn(), (1, 8, 8), torch.device("cpu"),
+                                          RestorationSettings(slots=3, precision="fp32"), 5)
+    assert (slots, bf16, notes) == (3, False, {"precision": "fp32"})
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_tabor_catches_the_smoke_trojan_in_either_precision(smoke_models, precision):
+    _, _, data, load = smoke_models
+    pruning = {"prune_steps": 60}
+    settings = ScanSettings(detectors=("tabor", "ncpp", "nc"), detector_settings={
+        "tabor": QUICK | pruning | {"precision": precision}, "ncpp": QUICK | pruning | {"precision": precision},
+        "nc": QUICK | {"precision": precision}})
+    results = run_detectors(load("fm-square4-br"), data, 10, settings, torch.device("cpu"))
+    assert TARGET in results["tabor"].flagged_classes, results["tabor"].anomaly_index
+    for name in ("tabor", "nc"):
+        assert results[name].notes["precision"] == precision
+    assert results["ncpp"].notes["restoration"] == "shared with nc"
+    assert results["ncpp"].notes["precision"] == precision  # NC++ prunes in NC's precision
