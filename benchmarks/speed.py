@@ -6,7 +6,7 @@ Each measurement runs in a fresh process (so its peak RSS is its own) on the sam
 clean data. Ratios (larger = the first is slower, except scan_over_raw_throughput):
 nc_over_ni, tabor_over_nc, sequential_over_batched (Neural Cleanse one class at a time vs all
 classes batched), scan_over_raw_throughput (restoration images/s over the best raw
-forward+backward images/s across batch sizes), tabor_over_cascade (full TABOR seconds over the
+forward+backward images/s across batch sizes, in the precision the scan chose), tabor_over_cascade (full TABOR seconds over the
 `--mode fast` cascade's seconds, NeuronInspect included, measured back to back on the same model).
 Writes benchmarks/results/speed.json and .md.
 
@@ -88,7 +88,10 @@ def measure(model_path: str, data_path: str, detector: str, settings: dict, thre
         batch = result.settings["batch_size"]
         report["restoration_images"] = int(sum(result.notes["steps"]) * batch)
     if detector == "nc" and not settings.get("slots"):
-        best, rates = fastest_batch(loaded.module, data.image_shape, device, candidates=GPU_BATCHES)  # on any device
+        # raw in the arithmetic the scan chose (bfloat16 where the probe took it), so the ratio compares like with like
+        bf16 = result.notes.get("precision") == "bf16"
+        best, rates = fastest_batch(loaded.module, data.image_shape, device, candidates=GPU_BATCHES, bf16=bf16)
+        report["raw_precision"] = "bf16" if bf16 else "fp32"
         report["raw_images_per_second"] = {str(k): v for k, v in rates.items()}
         report["raw_best_images_per_second"] = max(rates.values())
     queue.put(report)
@@ -235,7 +238,7 @@ def main() -> int:
                            rows_table)
     table += "\n\n" + markdown_table(["ratio", "value"], [[k, "-" if v is None else f"{v:.2f}"] for k, v in ratios.items()])
     table += f"\n\nDefault scan (ni + tabor): {default_scan:.1f} s. NC restoration {scan_rate:.0f} images/s vs raw best " \
-             f"{nc['raw_best_images_per_second']:.0f} images/s.\n\n## Cascade (`--mode fast`)\n\n" + cascade_table(rows)
+             f"{nc['raw_best_images_per_second']:.0f} images/s ({nc['raw_precision']}).\n\n## Cascade (`--mode fast`)\n\n" + cascade_table(rows)
     write_results("speed" if not gpu else f"speed_{device}", {"model_id": args.model, "device": device,
                             "threads": args.threads, "ratios": ratios,
                             "seconds": {k: r["seconds"] for k, r in reports.items()} | {"nc_sequential": sequential["seconds"],

@@ -60,7 +60,9 @@ class TaborSettings(RestorationSettings):
     blocking: float = Field(0.1, ge=0, description="R3 weight: CE of f((1-M)*x) against the true label")
     overlaying: float = Field(0.01, ge=0, description="R4 weight: CE of f(M*Delta) against the target")
     blocking_images: int = Field(8, ge=1, le=1024, description="images of each batch R3 is evaluated on")
-    prune_steps: int = Field(150, ge=1, le=10000, description="steps of the eq. (4) pruning optimisation")
+    prune_steps: int = Field(50, ge=1, le=10000, description="steps of the eq. (4) pruning optimisation (was 150: "
+                             "on 8 Fashion-MNIST models 50 gave the same flags, indices within 0.15, in a third "
+                             "of the time; eq. (5)'s difference ||M|| - ||M * M-hat|| barely moves after 30 steps)")
     prune_init_lambda: float = Field(1e-2, gt=0, description="initial elastic-net weight on the pruned mask")
     prune_threshold: float = Field(0.9, gt=0, le=1, description="attack success the pruned trigger must keep")
 

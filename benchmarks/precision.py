@@ -1,0 +1,105 @@
+"""bfloat16 vs float32 model arithmetic in trigger restoration, side by side.
+
+    python benchmarks/precision.py [--zoo-root zoo] [--runs fashion-mnist/fm-square5-br:tabor:2,...]
+                                   [--threads 2] [--name precision]
+
+Each run is MODEL:DETECTOR:PAIRS; every pair scans the model once with `precision` fp32 and once
+bf16 (channels-last weights both times, as `scanner.scan.place_on_device` puts them on a CPU),
+one after the other in this process, so both see the same machine. Also the raw forward+backward
+images/s of each precision over the restoration's candidate batches. Prints seconds, steps,
+slots, flags, the two largest anomaly indices and the target's; writes
+benchmarks/results/<name>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.results_file import markdown_table, write_results  # noqa: E402
+from scanner.data import CleanData  # noqa: E402
+from scanner.detectors import DETECTORS  # noqa: E402
+from scanner.detectors.restoration import fastest_batch  # noqa: E402
+from scanner.model_io import load_model  # noqa: E402
+from scanner.scan import place_on_device  # noqa: E402
+from scanner.zoo import load_manifest  # noqa: E402
+
+CPU = torch.device("cpu")
+PRECISIONS = ("fp32", "bf16")
+DEFAULT_RUNS = "fashion-mnist/fm-square5-br:tabor:2,fashion-mnist/fm-res-square4-br:nc:1,signs/sg-square3-br:nc:1"
+
+
+def scan_once(precision: str, module: torch.nn.Module, num_classes: int, data: CleanData, detector: str,
+              targets: list[int]) -> dict:
+    cls = DETECTORS[detector]
+    started = time.perf_counter()
+    result = cls(cls.settings_model(precision=precision), seed=0, device=CPU).scan(module, data, num_classes)
+    seconds = time.perf_counter() - started
+    index = result.anomaly_index
+    top = sorted(range(len(index)), key=lambda k: -index[k])[:2]
+    return {"precision": precision, "seconds": round(seconds, 1), "steps": int(sum(result.notes["steps"])),
+            "slots": result.notes["slots"], "flagged": result.flagged_classes,
+            "target_indices": [round(float(index[t]), 2) for t in targets],
+            "top_indices": [[int(k), round(float(index[k]), 2)] for k in top]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zoo-root", type=Path, default=Path("zoo"))
+    parser.add_argument("--runs", default=DEFAULT_RUNS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--name", default="precision")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows, raw = [], {}
+    for spec in args.runs.split(","):
+        model, detector, pairs = spec.split(":")
+        zoo, model_id = (args.zoo_root / model).parent, Path(model).name
+        manifest = load_manifest(zoo)
+        entry = next((e for e in manifest["models"] if e["id"] == model_id), None) if manifest else None
+        if entry is None:
+            print(f"no model {model_id} in {zoo}: run benchmarks/build_zoo.py first", file=sys.stderr)
+            return 2
+        data = CleanData.load_npz(zoo / "clean_samples.npz")
+        loaded = load_model(zoo / entry["files"]["onnx"]["path"], check_data=data.x[:64])
+        module = place_on_device(loaded.module, CPU)
+        if model_id not in raw:
+            raw[model_id] = {p: {str(k): round(v) for k, v in fastest_batch(
+                module, data.image_shape, CPU, min_seconds=1.0, bf16=p == "bf16")[1].items()} for p in PRECISIONS}
+        for pair in range(int(pairs)):
+            for precision in PRECISIONS:
+                row = {"model_id": model_id, "detector": detector, "pair": pair,
+                       **scan_once(precision, module, loaded.num_classes, data, detector, entry["targets"])}
+                rows.append(row)
+                print(row, flush=True)
+    table = markdown_table(
+        ["model", "detector", "pair", "precision", "seconds", "steps", "slots", "flagged", "target index",
+         "two largest indices"],
+        [[r["model_id"], r["detector"], r["pair"], r["precision"], r["seconds"], r["steps"], r["slots"], r["flagged"],
+          r["target_indices"], r["top_indices"]] for r in rows])
+    ratios = {}
+    for model_id in dict.fromkeys(r["model_id"] for r in rows):
+        mine = {p: sum(r["seconds"] for r in rows if r["model_id"] == model_id and r["precision"] == p)
+                for p in PRECISIONS}
+        best = {p: max(raw[model_id][p].values()) for p in PRECISIONS}
+        ratios[model_id] = {"scan_fp32_over_bf16": round(mine["fp32"] / mine["bf16"], 2),
+                            "raw_bf16_over_fp32": round(best["bf16"] / best["fp32"], 2)}
+    table += "\n\n" + markdown_table(
+        ["model", "scan seconds fp32 / bf16", "best raw images/s bf16 / fp32"],
+        [[m, r["scan_fp32_over_bf16"], r["raw_bf16_over_fp32"]] for m, r in ratios.items()])
+    table += f"\n\n{args.threads} threads; raw images/s per batch size: {raw}"
+    path = write_results(args.name, {"threads": args.threads, "rows": rows, "raw_images_per_second": raw,
+                                     "ratios": ratios}, table)
+    print(table)
+    print(f"written: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
