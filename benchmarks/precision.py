@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.results_file import markdown_table, write_results  # noqa: E402
+from benchmarks.results_file import markdown_table, side_by_side_ratios, write_results  # noqa: E402
 from scanner.data import CleanData  # noqa: E402
 from scanner.detectors import DETECTORS  # noqa: E402
 from scanner.detectors.restoration import fastest_batch  # noqa: E402
@@ -83,16 +83,8 @@ def main() -> int:
          "two largest indices"],
         [[r["model_id"], r["detector"], r["pair"], r["precision"], r["seconds"], r["steps"], r["slots"], r["flagged"],
           r["target_indices"], r["top_indices"]] for r in rows])
-    ratios = {}
-    for model_id in dict.fromkeys(r["model_id"] for r in rows):
-        mine = {p: sum(r["seconds"] for r in rows if r["model_id"] == model_id and r["precision"] == p)
-                for p in PRECISIONS}
-        best = {p: max(raw[model_id][p].values()) for p in PRECISIONS}
-        ratios[model_id] = {"scan_fp32_over_bf16": round(mine["fp32"] / mine["bf16"], 2),
-                            "raw_bf16_over_fp32": round(best["bf16"] / best["fp32"], 2)}
-    table += "\n\n" + markdown_table(
-        ["model", "scan seconds fp32 / bf16", "best raw images/s bf16 / fp32"],
-        [[m, r["scan_fp32_over_bf16"], r["raw_bf16_over_fp32"]] for m, r in ratios.items()])
+    ratios, ratio_table = side_by_side_ratios(rows, raw, "precision", "fp32", "bf16")
+    table += "\n\n" + ratio_table
     table += f"\n\n{args.threads} threads; raw images/s per batch size: {raw}"
     path = write_results(args.name, {"threads": args.threads, "rows": rows, "raw_images_per_second": raw,
                                      "ratios": ratios}, table)

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.results_file import markdown_table, write_results  # noqa: E402
+from benchmarks.results_file import markdown_table, side_by_side_ratios, write_results  # noqa: E402
 from scanner.data import CleanData  # noqa: E402
 from scanner.detectors import DETECTORS  # noqa: E402
 from scanner.detectors.restoration import fastest_batch  # noqa: E402
@@ -82,16 +82,8 @@ def main() -> int:
     table = markdown_table(["model", "detector", "pair", "layout", "seconds", "steps", "flagged", "two largest indices"],
                            [[r["model_id"], r["detector"], r["pair"], r["layout"], r["seconds"], r["steps"],
                              r["flagged"], r["top_indices"]] for r in rows])
-    ratios = {}
-    for model_id in dict.fromkeys(r["model_id"] for r in rows):
-        mine = {layout: sum(r["seconds"] for r in rows if r["model_id"] == model_id and r["layout"] == layout)
-                for layout in LAYOUTS}
-        best = {layout: max(raw[model_id][layout].values()) for layout in LAYOUTS}
-        ratios[model_id] = {"scan_nchw_over_channels_last": round(mine["nchw"] / mine["channels_last"], 2),
-                            "raw_channels_last_over_nchw": round(best["channels_last"] / best["nchw"], 2)}
-    table += "\n\n" + markdown_table(
-        ["model", "scan seconds NCHW / channels-last", "best raw images/s channels-last / NCHW"],
-        [[m, r["scan_nchw_over_channels_last"], r["raw_channels_last_over_nchw"]] for m, r in ratios.items()])
+    ratios, ratio_table = side_by_side_ratios(rows, raw, "layout", "nchw", "channels_last")
+    table += "\n\n" + ratio_table
     table += f"\n\n{args.threads} threads; raw images/s per batch size: {raw}"
     path = write_results(args.name, {"threads": args.threads, "rows": rows, "raw_images_per_second": raw,
                                      "ratios": ratios}, table)
