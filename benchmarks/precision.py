@@ -13,7 +13,6 @@ benchmarks/results/<name>.json and .md.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,13 +21,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.results_file import markdown_table, side_by_side_ratios, write_results  # noqa: E402
+from benchmarks.results_file import markdown_table  # noqa: E402
+from benchmarks.side_by_side import parse_args, resolve_runs, write_side_by_side  # noqa: E402
 from scanner.data import CleanData  # noqa: E402
 from scanner.detectors import DETECTORS  # noqa: E402
 from scanner.detectors.restoration import fastest_batch  # noqa: E402
 from scanner.model_io import load_model  # noqa: E402
 from scanner.scan import place_on_device  # noqa: E402
-from scanner.zoo import load_manifest  # noqa: E402
 
 CPU = torch.device("cpu")
 PRECISIONS = ("fp32", "bf16")
@@ -50,29 +49,23 @@ def scan_once(precision: str, module: torch.nn.Module, num_classes: int, data: C
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--zoo-root", type=Path, default=Path("zoo"))
-    parser.add_argument("--runs", default=DEFAULT_RUNS)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--name", default="precision")
-    args = parser.parse_args()
+    args = parse_args(__doc__, DEFAULT_RUNS, "precision")
+    try:
+        runs = resolve_runs(args.zoo_root, args.runs)
+    except LookupError as error:
+        print(error, file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     rows, raw = [], {}
-    for spec in args.runs.split(","):
-        model, detector, pairs = spec.split(":")
-        zoo, model_id = (args.zoo_root / model).parent, Path(model).name
-        manifest = load_manifest(zoo)
-        entry = next((e for e in manifest["models"] if e["id"] == model_id), None) if manifest else None
-        if entry is None:
-            print(f"no model {model_id} in {zoo}: run benchmarks/build_zoo.py first", file=sys.stderr)
-            return 2
+    for run in runs:
+        zoo, entry, detector, model_id = run.zoo, run.entry, run.detector, run.entry["id"]
         data = CleanData.load_npz(zoo / "clean_samples.npz")
         loaded = load_model(zoo / entry["files"]["onnx"]["path"], check_data=data.x[:64])
         module = place_on_device(loaded.module, CPU)
         if model_id not in raw:
             raw[model_id] = {p: {str(k): round(v) for k, v in fastest_batch(
                 module, data.image_shape, CPU, min_seconds=1.0, bf16=p == "bf16")[1].items()} for p in PRECISIONS}
-        for pair in range(int(pairs)):
+        for pair in range(run.pairs):
             for precision in PRECISIONS:
                 row = {"model_id": model_id, "detector": detector, "pair": pair,
                        **scan_once(precision, module, loaded.num_classes, data, detector, entry["targets"])}
@@ -83,14 +76,7 @@ def main() -> int:
          "two largest indices"],
         [[r["model_id"], r["detector"], r["pair"], r["precision"], r["seconds"], r["steps"], r["slots"], r["flagged"],
           r["target_indices"], r["top_indices"]] for r in rows])
-    ratios, ratio_table = side_by_side_ratios(rows, raw, "precision", "fp32", "bf16")
-    table += "\n\n" + ratio_table
-    table += f"\n\n{args.threads} threads; raw images/s per batch size: {raw}"
-    path = write_results(args.name, {"threads": args.threads, "rows": rows, "raw_images_per_second": raw,
-                                     "ratios": ratios}, table)
-    print(table)
-    print(f"written: {path}")
-    return 0
+    return write_side_by_side(args, rows, raw, table, "precision", "fp32", "bf16")
 
 
 if __name__ == "__main__":

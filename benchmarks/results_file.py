@@ -84,19 +84,3 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
-
-def side_by_side_ratios(rows: list[dict[str, Any]], raw: dict[str, dict[str, dict[str, float]]], key: str,
-                        before: str, after: str) -> tuple[dict[str, dict[str, float]], str]:
-    """For benchmarks that scan each model in two variants (rows carry `key` = before or after):
-    per model, scan seconds of `before` over `after` (summed over the pairs) and best raw images/s
-    of `after` over `before` (raw[model][variant] = images/s by batch). Returns (ratios, table)."""
-    ratios = {}
-    for model_id in dict.fromkeys(r["model_id"] for r in rows):
-        seconds = {v: sum(r["seconds"] for r in rows if r["model_id"] == model_id and r[key] == v) for v in (before, after)}
-        best = {v: max(raw[model_id][v].values()) for v in (before, after)}
-        ratios[model_id] = {f"scan_{before}_over_{after}": round(seconds[before] / seconds[after], 2),
-                            f"raw_{after}_over_{before}": round(best[after] / best[before], 2)}
-    table = markdown_table(
-        ["model", f"scan seconds {before} / {after}", f"best raw images/s {after} / {before}"],
-        [[m, *r.values()] for m, r in ratios.items()])
-    return ratios, table

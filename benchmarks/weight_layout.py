@@ -12,7 +12,6 @@ flags and the two largest anomaly indices; writes benchmarks/results/<name>.json
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -21,12 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.results_file import markdown_table, side_by_side_ratios, write_results  # noqa: E402
+from benchmarks.results_file import markdown_table  # noqa: E402
+from benchmarks.side_by_side import parse_args, resolve_runs, write_side_by_side  # noqa: E402
 from scanner.data import CleanData  # noqa: E402
 from scanner.detectors import DETECTORS  # noqa: E402
 from scanner.detectors.restoration import fastest_batch  # noqa: E402
 from scanner.model_io import load_model  # noqa: E402
-from scanner.zoo import load_manifest  # noqa: E402
 
 CPU = torch.device("cpu")
 LAYOUTS = ("nchw", "channels_last")
@@ -53,28 +52,22 @@ def scan_once(layout: str, path: Path, data: CleanData, detector: str) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--zoo-root", type=Path, default=Path("zoo"))
-    parser.add_argument("--runs", default=DEFAULT_RUNS)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--name", default="weight_layout")
-    args = parser.parse_args()
+    args = parse_args(__doc__, DEFAULT_RUNS, "weight_layout")
+    try:
+        runs = resolve_runs(args.zoo_root, args.runs)
+    except LookupError as error:
+        print(error, file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     rows, raw = [], {}
-    for spec in args.runs.split(","):
-        model, detector, pairs = spec.split(":")
-        zoo, model_id = (args.zoo_root / model).parent, Path(model).name
-        manifest = load_manifest(zoo)
-        entry = next((e for e in manifest["models"] if e["id"] == model_id), None) if manifest else None
-        if entry is None:
-            print(f"no model {model_id} in {zoo}: run benchmarks/build_zoo.py first", file=sys.stderr)
-            return 2
+    for run in runs:
+        zoo, entry, detector, model_id = run.zoo, run.entry, run.detector, run.entry["id"]
         path, data = zoo / entry["files"]["onnx"]["path"], CleanData.load_npz(zoo / "clean_samples.npz")
         if model_id not in raw:
             raw[model_id] = {layout: {str(k): round(v) for k, v in fastest_batch(
                 loaded_in(layout, path, data).module, data.image_shape, CPU, min_seconds=1.0)[1].items()}
                 for layout in LAYOUTS}
-        for pair in range(int(pairs)):
+        for pair in range(run.pairs):
             for layout in LAYOUTS:
                 row = {"model_id": model_id, "detector": detector, "pair": pair, **scan_once(layout, path, data, detector)}
                 rows.append(row)
@@ -82,14 +75,7 @@ def main() -> int:
     table = markdown_table(["model", "detector", "pair", "layout", "seconds", "steps", "flagged", "two largest indices"],
                            [[r["model_id"], r["detector"], r["pair"], r["layout"], r["seconds"], r["steps"],
                              r["flagged"], r["top_indices"]] for r in rows])
-    ratios, ratio_table = side_by_side_ratios(rows, raw, "layout", "nchw", "channels_last")
-    table += "\n\n" + ratio_table
-    table += f"\n\n{args.threads} threads; raw images/s per batch size: {raw}"
-    path = write_results(args.name, {"threads": args.threads, "rows": rows, "raw_images_per_second": raw,
-                                     "ratios": ratios}, table)
-    print(table)
-    print(f"written: {path}")
-    return 0
+    return write_side_by_side(args, rows, raw, table, "layout", "nchw", "channels_last")
 
 
 if __name__ == "__main__":

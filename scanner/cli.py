@@ -10,7 +10,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import typer
 import typer.exceptions
@@ -294,6 +294,7 @@ def scan(
     from scanner.scan import ScanSettings
 
     from scanner.detectors import DETECTORS
+    from scanner.detectors.restoration import RestorationSettings
 
     names = tuple(n.strip() for n in detectors.split(",") if n.strip())
     unknown = sorted(set(names) - set(DETECTORS))
@@ -308,9 +309,11 @@ def scan(
             choose_ranker(names)
         except CascadeUsageError as error:
             usage(str(error))
-    if precision not in ("auto", "fp32", "bf16"):
-        usage(f"--precision must be auto, fp32 or bf16, got {precision!r}")
-    restoring = {name: {"precision": precision} for name in names if name in ("tabor", "nc", "ncpp")}
+    precisions = get_args(RestorationSettings.model_fields["precision"].annotation)
+    if precision not in precisions:
+        usage(f"--precision must be one of {', '.join(precisions)}, got {precision!r}")
+    restoring = {name: {"precision": precision} for name in names
+                 if issubclass(DETECTORS[name].settings_model, RestorationSettings)}
     means, stds = _float_list(mean, "--mean"), _float_list(std, "--std")
     if (means is None) != (stds is None):
         usage("--mean and --std go together")
