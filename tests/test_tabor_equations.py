@@ -8,11 +8,12 @@ from torch import nn
 from scanner.detectors.restoration import (
     NEAR_FASTEST,
     RestorationSettings,
-    _RowAdam,
+    _ActiveAdam,
     _Schedule,
     choose_slots,
     from_unit,
     near_fastest_batch,
+    restore_triggers,
     stamp,
     to_unit,
 )
@@ -26,6 +27,7 @@ from scanner.detectors.tabor import (
     tabor_regularizers,
     xai_prune_mask,
 )
+from scanner.errors import TrojanScanError
 
 
 def block_mask(side=4, top=1, left=1, size=2):
@@ -106,12 +108,22 @@ def test_tanh_parametrisation_round_trips_inside_the_unit_interval():
     assert to_unit(torch.tensor([-50.0, 50.0])).min() >= 0 and to_unit(torch.tensor([50.0])).max() <= 1
 
 
-def test_row_adam_moves_only_the_active_rows():
-    table = torch.zeros((3, 2))
-    adam = _RowAdam(table, lr=0.1)
-    adam.step(table, torch.tensor([1]), torch.ones((1, 2)))
-    assert table[0].abs().sum() == 0 and table[2].abs().sum() == 0
-    assert torch.allclose(table[1], torch.full((2,), -0.1))  # first Adam step is -lr * sign(grad)
+def test_active_adam_keeps_each_rows_state_and_starts_joiners_fresh():
+    adam = _ActiveAdam(lr=0.1)
+    param = adam.regroup([], torch.zeros((2, 2)))
+    adam.step(torch.ones((2, 2)))
+    assert torch.allclose(param, torch.full((2, 2), -0.1))  # first Adam step is -lr * sign(grad)
+    adam.step(torch.ones((2, 2)))
+    second = param[1].detach().clone()
+    # row 0 leaves, a new row joins with its own value and a fresh step count
+    param = adam.regroup([1], torch.full((1, 2), 5.0))
+    assert param.requires_grad and param.is_leaf
+    assert torch.equal(param[0].detach(), second)
+    adam.step(torch.ones((2, 2)))
+    assert torch.allclose(param[1], torch.full((2,), 4.9))  # the joiner's first step: -lr
+    assert adam.t.tolist() == [3.0, 1.0]
+    # a kept row went on with its moments: a constant gradient keeps Adam's step at lr
+    assert torch.allclose(param[0], second - 0.1)
 
 
 def test_cost_schedule_follows_neural_cleanse():
@@ -183,3 +195,46 @@ def test_slots_take_the_largest_batch_near_the_fastest():
     assert rates[chosen] >= NEAR_FASTEST * top - 0.2
     assert all(rate < NEAR_FASTEST * top + 0.2 for size, rate in rates.items() if size > chosen)
     assert slots == max(1, min(3, round(probe["chosen_batch"] / 32)))
+
+
+class NanAfterWarmup(nn.Module):
+    """A linear classifier whose outputs turn NaN after `calls` forward passes."""
+
+    def __init__(self, calls: int) -> None:
+        super().__init__()
+        self.linear, self.calls = nn.Linear(16, 3), calls
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls -= 1
+        logits = self.linear(x.flatten(1))
+        return logits if self.calls >= 0 else logits * float("nan")
+
+
+@pytest.mark.parametrize("slots", [1, 3])
+def test_a_diverging_restoration_is_an_error_not_a_trigger(slots: int):
+    x = np.random.default_rng(0).random((12, 1, 4, 4), dtype=np.float32)
+    y = np.arange(12) % 3
+    settings = RestorationSettings(batch_size=4, max_steps=50)
+    with pytest.raises(TrojanScanError, match="diverged"):
+        restore_triggers(NanAfterWarmup(calls=5), x, y, 3, settings, seed=0, device=torch.device("cpu"), slots=slots,
+                         size_penalty=lambda mask, pattern: mask.sum(dim=(1, 2, 3)), name="nc")
+
+
+def test_at_most_slots_classes_share_a_step_and_every_class_runs():
+    batch_sizes = []
+
+    class Recorder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(16, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            batch_sizes.append(len(x))
+            return self.linear(x.flatten(1))
+
+    x = np.random.default_rng(0).random((20, 1, 4, 4), dtype=np.float32)
+    settings = RestorationSettings(batch_size=4, max_steps=20)
+    outcome = restore_triggers(Recorder(), x, np.arange(20) % 5, 5, settings, seed=0, device=torch.device("cpu"),
+                               slots=2, size_penalty=lambda mask, pattern: mask.sum(dim=(1, 2, 3)))
+    assert set(batch_sizes) <= {4, 8} and 8 in batch_sizes  # two classes of 4 images, one when the last runs alone
+    assert (outcome.steps > 0).all() and sum(batch_sizes) == 4 * outcome.steps.sum()

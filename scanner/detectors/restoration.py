@@ -27,7 +27,10 @@ the others 90-152). The best trigger kept is the same kind either way: the small
 A "check" is `check_every` mini-batch steps (Neural Cleanse's epoch is ~31 mini-batches; a
 shorter period reacts faster and converges in fewer images).
 
-Adam (lr 0.1, betas 0.5/0.9) is applied per row so that a class that leaves keeps its state.
+Adam (lr 0.1, betas 0.5/0.9) is applied per row, so a class that joins later starts its own bias
+correction; the active classes' parameters and moments are one tensor between changes of the
+active set (`_ActiveAdam`). Each step makes one device-to-host transfer (attack hits, mask L1s,
+the finiteness check).
 
 Precision (`precision`, default auto): the model may compute in bfloat16 autocast while the
 trigger parameters, stamping, losses and Adam stay float32. The start-of-scan probe measures
@@ -120,23 +123,44 @@ def logits_of(model: torch.nn.Module, inputs: torch.Tensor, bf16: bool = False) 
         return model(inputs).float()
 
 
-class _RowAdam:
-    """Adam on rows of a parameter table, so each class has its own step count and state."""
+class _ActiveAdam:
+    """Adam on the parameters of the classes being optimised, kept as one leaf tensor (A, ...)
+    with per-row state, so each class has its own step count.
 
-    def __init__(self, table: torch.Tensor, lr: float, betas: tuple[float, float] = (0.5, 0.9)) -> None:
+    Classes join with their initial parameters and fresh state and leave for good, so rows are
+    gathered only when the active set changes, never written back: indexing a whole table's
+    parameters and moments on every step cost more per step than the update itself."""
+
+    def __init__(self, lr: float, betas: tuple[float, float] = (0.5, 0.9)) -> None:
         self.lr, (self.b1, self.b2) = lr, betas
-        self.m = torch.zeros_like(table)
-        self.v = torch.zeros_like(table)
-        self.t = torch.zeros(len(table), device=table.device)
+        self.param: torch.Tensor | None = None
+        self.m = self.v = self.t = torch.zeros(0)
 
-    def step(self, table: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> None:
-        self.t[rows] += 1
-        t = self.t[rows].view(-1, *[1] * (grad.dim() - 1))
-        self.m[rows] = self.b1 * self.m[rows] + (1 - self.b1) * grad
-        self.v[rows] = self.b2 * self.v[rows] + (1 - self.b2) * grad * grad
-        m_hat = self.m[rows] / (1 - self.b1 ** t)
-        v_hat = self.v[rows] / (1 - self.b2 ** t)
-        table[rows] -= self.lr * m_hat / (v_hat.sqrt() + 1e-8)
+    def regroup(self, keep: list[int], joining: torch.Tensor) -> torch.Tensor:
+        """Keep the rows at slot indices `keep` (in that order), append `joining` (initial
+        values, fresh state); returns the new leaf parameter."""
+        fresh = torch.zeros_like(joining)
+        if self.param is None:
+            self.param, self.m, self.v = joining.clone(), fresh, fresh.clone()
+            self.t = torch.zeros(len(joining), device=joining.device)
+        else:
+            rows = torch.tensor(keep, dtype=torch.long, device=joining.device)
+            self.param = torch.cat([self.param.detach()[rows], joining])
+            self.m, self.v = torch.cat([self.m[rows], fresh]), torch.cat([self.v[rows], fresh])
+            self.t = torch.cat([self.t[rows], torch.zeros(len(joining), device=joining.device)])
+        self.param.requires_grad_(True)
+        return self.param
+
+    @torch.no_grad()
+    def step(self, grad: torch.Tensor) -> None:
+        assert self.param is not None
+        self.t += 1
+        t = self.t.view(-1, *[1] * (grad.dim() - 1))
+        self.m = self.b1 * self.m + (1 - self.b1) * grad
+        self.v = self.b2 * self.v + (1 - self.b2) * grad * grad
+        m_hat = self.m / (1 - self.b1 ** t)
+        v_hat = self.v / (1 - self.b2 ** t)
+        self.param -= self.lr * m_hat / (v_hat.sqrt() + 1e-8)
 
 
 class _Schedule:
@@ -224,28 +248,34 @@ def restore_triggers(
     pattern_table = (torch.rand((k_all, c, h, w), generator=generator) * 2 - 1).to(device)
     best_mask = to_unit(mask_table).clone()
     best_pattern = to_unit(pattern_table).clone()
-    mask_adam, pattern_adam = _RowAdam(mask_table, settings.lr), _RowAdam(pattern_table, settings.lr)
+    mask_rows, pattern_rows = _ActiveAdam(settings.lr), _ActiveAdam(settings.lr)
     schedule = _Schedule(k_all, settings)
     steps = np.zeros(k_all, int)
     reached = np.zeros(k_all, bool)
     waiting = list(classes)
     active: list[int] = []
+    kept: list[int] = []  # slots of `active` that stay after a class left
     period_asr = np.zeros(k_all)
     period_l1 = np.zeros(k_all)
     period_n = np.zeros(k_all, int)
     finished = 0
     slots = max(1, min(slots, len(classes)))
+    regroup = True
 
     while waiting or active:
-        while waiting and len(active) < slots:
-            active.append(waiting.pop(0))
-        rows = torch.tensor(active, device=device)
+        if regroup:
+            joining = waiting[:slots - len(active)]
+            del waiting[:len(joining)]
+            active += joining
+            new_rows = torch.tensor(joining, dtype=torch.long, device=device)
+            m_param = mask_rows.regroup(kept, mask_table[new_rows])
+            p_param = pattern_rows.regroup(kept, pattern_table[new_rows])
+            rows = torch.tensor(active, device=device)
+            targets = rows.repeat_interleave(settings.batch_size)
+            regroup = False
         picked = torch.randint(0, n, (settings.batch_size,), generator=generator).to(device)
         batch = images[picked]
-        m_param = mask_table[rows].clone().requires_grad_(True)
-        p_param = pattern_table[rows].clone().requires_grad_(True)
         mask, pattern = to_unit(m_param), to_unit(p_param)
-        targets = rows.repeat_interleave(settings.batch_size)
         stamped = stamp(batch, mask, pattern)
         extra_inputs, extra_loss_of = (extra_terms(batch, labels[picked], mask, pattern, rows)
                                        if extra_terms is not None else (stamped[:0], None))
@@ -257,14 +287,17 @@ def restore_triggers(
         if extra_loss_of is not None:
             loss_per_class = loss_per_class + extra_loss_of(all_logits[len(stamped):])
         m_grad, p_grad = torch.autograd.grad(loss_per_class.sum(), (m_param, p_param))
-        if not (torch.isfinite(m_grad).all() and torch.isfinite(p_grad).all()):
-            raise TrojanScanError(f"{name}: trigger optimisation diverged (NaN/inf gradient)")
-        mask_adam.step(mask_table, rows, m_grad)
-        pattern_adam.step(pattern_table, rows, p_grad)
+        mask_rows.step(m_grad)
+        pattern_rows.step(p_grad)
 
-        with torch.no_grad():
-            hits = (logits.argmax(1) == targets).float().view(len(active), -1).mean(1).cpu().numpy()
-            l1 = mask.sum(dim=(1, 2, 3)).cpu().numpy()
+        with torch.no_grad():  # one transfer per step (one device sync on a GPU)
+            finite = (torch.isfinite(m_grad).all() & torch.isfinite(p_grad).all()).float()
+            hits = (logits.argmax(1) == targets).float().view(len(active), -1).mean(1)
+            l1 = mask.sum(dim=(1, 2, 3))
+            step_stats = torch.cat([hits, l1, finite[None]]).cpu().numpy()
+        if not step_stats[-1]:  # the step is lost with the whole restoration
+            raise TrojanScanError(f"{name}: trigger optimisation diverged (NaN/inf gradient)")
+        hits, l1 = step_stats[:len(active)], step_stats[len(active):-1]
         leaving = []
         for slot, k in enumerate(active):
             steps[k] += 1
@@ -280,11 +313,14 @@ def restore_triggers(
                     best_pattern[k] = pattern[slot].detach()
             if schedule.done[k] or steps[k] >= settings.max_steps:
                 leaving.append(k)
-        for k in leaving:
-            active.remove(k)
-            finished += 1
-            if progress is not None:
-                progress(name, finished, len(classes))
+        if leaving:
+            kept = [slot for slot, k in enumerate(active) if k not in leaving]
+            active = [active[slot] for slot in kept]
+            regroup = True
+            for _ in leaving:
+                finished += 1
+                if progress is not None:
+                    progress(name, finished, len(classes))
 
     masks = best_mask[:, 0].cpu().numpy()
     patterns = best_pattern.cpu().numpy()

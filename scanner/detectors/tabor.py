@@ -40,7 +40,7 @@ from scanner.detectors.base import DetectionResult, Detector, RestoredTrigger, r
 from scanner.detectors.neural_cleanse import restore_all, restored_triggers
 from scanner.detectors.restoration import (
     RestorationSettings,
-    _RowAdam,
+    _ActiveAdam,
     attack_success,
     from_unit,
     logits_of,
@@ -139,7 +139,6 @@ def xai_prune_mask(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, masks: 
     m_fixed = torch.from_numpy(masks)[:, None].to(device)
     p_fixed = torch.from_numpy(patterns).to(device)
     table = from_unit(torch.full((k_all, 1, h, w), 0.98, device=device))
-    adam = _RowAdam(table, lr=0.1)
     lam = np.full(k_all, s.prune_init_lambda)
     best = torch.ones((k_all, 1, h, w), device=device)
     best_l1 = np.full(k_all, np.inf)
@@ -152,20 +151,21 @@ def xai_prune_mask(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, masks: 
     for chunk_start in range(0, k_all, slots):
         chunk = classes[chunk_start:chunk_start + slots]
         rows = torch.tensor(chunk, device=device)
+        adam = _ActiveAdam(lr=0.1)
+        param = adam.regroup([], table[rows])
+        targets = row_class[rows].repeat_interleave(s.batch_size)
         for step in range(1, s.prune_steps + 1):
             batch = images[torch.randint(0, len(images), (s.batch_size,), generator=generator).to(device)]
-            param = table[rows].clone().requires_grad_(True)
             m_hat = to_unit(param)
             bad = stamp(batch, m_fixed[rows], p_fixed[rows]).view(len(chunk), s.batch_size, *batch.shape[1:])
             pruned = (bad * m_hat[:, None]).reshape(-1, *batch.shape[1:])
-            targets = row_class[rows].repeat_interleave(s.batch_size)
             logits = logits_of(model, pruned, bf16)
             ce = F.cross_entropy(logits, targets, reduction="none").view(len(chunk), -1).mean(1)
             lam_t = torch.tensor(lam[chunk], dtype=ce.dtype, device=device)
             (grad,) = torch.autograd.grad((ce + lam_t * elastic_net(m_hat)).sum(), (param,))
             if not torch.isfinite(grad).all():
                 raise TrojanScanError("tabor: pruning optimisation diverged (NaN/inf gradient)")
-            adam.step(table, rows, grad)
+            adam.step(grad)
             with torch.no_grad():
                 hits = (logits.argmax(1) == targets).float().view(len(chunk), -1).mean(1).cpu().numpy()
                 l1 = m_hat.flatten(1).sum(1).cpu().numpy()
