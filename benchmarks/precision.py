@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.results_file import markdown_table  # noqa: E402
-from benchmarks.side_by_side import parse_args, resolve_runs, write_side_by_side  # noqa: E402
+from benchmarks.side_by_side import start, write_side_by_side  # noqa: E402
 from scanner.data import CleanData  # noqa: E402
 from scanner.detectors import DETECTORS  # noqa: E402
 from scanner.detectors.restoration import fastest_batch  # noqa: E402
@@ -49,13 +49,7 @@ def scan_once(precision: str, module: torch.nn.Module, num_classes: int, data: C
 
 
 def main() -> int:
-    args = parse_args(__doc__, DEFAULT_RUNS, "precision")
-    try:
-        runs = resolve_runs(args.zoo_root, args.runs)
-    except LookupError as error:
-        print(error, file=sys.stderr)
-        return 2
-    torch.set_num_threads(args.threads)
+    args, runs = start(__doc__, DEFAULT_RUNS, "precision")
     rows, raw = [], {}
     for run in runs:
         zoo, entry, detector, model_id = run.zoo, run.entry, run.detector, run.entry["id"]

@@ -5,6 +5,7 @@ resolved against the zoo, and their per-model ratios."""
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,21 @@ def parse_args(doc: str, default_runs: str, default_name: str) -> argparse.Names
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default=default_name)
     return parser.parse_args()
+
+
+def start(doc: str, default_runs: str, default_name: str) -> tuple[argparse.Namespace, list[Run]]:
+    """A benchmark's start: its command line, its runs resolved before any scan (a model the zoo
+    lacks ends it with exit code 2 and one line on stderr), torch's threads set."""
+    import torch
+
+    args = parse_args(doc, default_runs, default_name)
+    try:
+        runs = resolve_runs(args.zoo_root, args.runs)
+    except LookupError as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(2) from None
+    torch.set_num_threads(args.threads)
+    return args, runs
 
 
 def resolve_runs(zoo_root: Path, runs: str) -> list[Run]:

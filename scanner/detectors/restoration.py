@@ -140,14 +140,12 @@ class _ActiveAdam:
         """Keep the rows at slot indices `keep` (in that order), append `joining` (initial
         values, fresh state); returns the new leaf parameter."""
         fresh = torch.zeros_like(joining)
-        if self.param is None:
-            self.param, self.m, self.v = joining.clone(), fresh, fresh.clone()
-            self.t = torch.zeros(len(joining), device=joining.device)
-        else:
-            rows = torch.tensor(keep, dtype=torch.long, device=joining.device)
-            self.param = torch.cat([self.param.detach()[rows], joining])
-            self.m, self.v = torch.cat([self.m[rows], fresh]), torch.cat([self.v[rows], fresh])
-            self.t = torch.cat([self.t[rows], torch.zeros(len(joining), device=joining.device)])
+        if self.param is None:  # nothing to keep yet: empty rows of the joiners' shape
+            self.param, self.m, self.v, self.t = joining[:0], fresh[:0], fresh[:0], fresh.new_zeros(0)
+        rows = torch.tensor(keep, dtype=torch.long, device=joining.device)
+        self.param = torch.cat([self.param.detach()[rows], joining])
+        self.m, self.v = torch.cat([self.m[rows], fresh]), torch.cat([self.v[rows], fresh])
+        self.t = torch.cat([self.t[rows], fresh.new_zeros(len(joining))])
         self.param.requires_grad_(True)
         return self.param
 
