@@ -126,6 +126,8 @@ def _measure(registry: Any, client: Any, prefect_client: Any, mode: str, version
     status = info.tags.get("trojanscan.status")
     row: dict[str, Any] = {"mode": mode, "version": version, "status": status}
     if status not in ("clean", "infected"):
+        if info.tags.get("trojanscan.error"):  # why it failed, for the results file
+            row["error"] = info.tags["trojanscan.error"]
         return row
     created = info.created_ms / 1000
     verdict_at = datetime.fromisoformat(info.tags["trojanscan.scanned_at"]).timestamp()
@@ -303,6 +305,9 @@ def main() -> int:
             table += (f"\n\n{runner} runner, {label}: {summary['decided']}/{summary['versions']} decided; overhead p50 "
                       f"{o['p50']:.1f} s, p95 {o['p95']:.1f} s, max {o['max']:.1f} s (target < 15 s each); medians: "
                       + ", ".join(f"{k} {v:.1f} s" for k, v in m.items()))
+    for row in rows:
+        if "error" in row:
+            table += f"\n\n{row['runner']} runner, {row['mode']}, version {row['version']}: error: {row['error']}"
     for runner, used in cpu.items():
         table += (f"\n\n{runner} runner, CPU seconds used from the burst's registration to its last verdict "
                   f"({used['wall_seconds']:.1f} s of wall time, {os.cpu_count()} cores): "
