@@ -47,7 +47,7 @@ start() {
     echo "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY=$("$bin/python" -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())')"
   } >"$dir/secrets.env"
   set -a; . "$dir/secrets.env"; set +a
-  export PREFECT_HOME="$dir/prefect-home" PREFECT_SERVER_ANALYTICS_ENABLED=false
+  export PREFECT_HOME="$dir/prefect-home" PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true
   export PREFECT_API_URL="http://127.0.0.1:$PREFECT_PORT/api" MLFLOW_TRACKING_URI="http://127.0.0.1:$MLFLOW_PORT"
   export TROJANSCAN_POLICY="$dir/policy.yaml" TROJANSCAN_WORKDIR="$dir/work" TROJANSCAN_HOME="$root"
   export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true

@@ -49,7 +49,7 @@ case "$job" in
   test)
     apt_install dataset-fashion-mnist chromium  # chromium: the report's browser tests (Playwright)
     python_env test
-    export PREFECT_SERVER_ANALYTICS_ENABLED=false
+    export PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true
     exec "$venv/bin/python" -m pytest -q "$@" ;;
   *)
     echo "usage: bash scripts/run.sh demo|test|env" >&2; exit 4 ;;

@@ -109,7 +109,7 @@ class Service:
 
 def base_env(home: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1",
+    env.update({"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1",
                 "PREFECT_HOME": str(home / "prefect-home"), "PREFECT_LOGGING_LEVEL": "INFO"})
     return env
 
