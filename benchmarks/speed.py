@@ -1,6 +1,6 @@
 """Detector speed and memory, measured side by side on one model in one run.
 
-    python benchmarks/speed.py [--zoo zoo/fashion-mnist] [--model fm-square5-br] [--threads 2]
+    python benchmarks/speed.py [--zoo zoo/fashion-mnist] [--model fm-square5-br] [--threads 2] [--rounds 3]
 
 Each measurement runs in a fresh process (so its peak RSS is its own) on the same model and
 clean data. Ratios (larger = the first is slower, except scan_over_raw_throughput):
@@ -8,7 +8,9 @@ nc_over_ni, tabor_over_nc, sequential_over_batched (Neural Cleanse one class at 
 classes batched), scan_over_raw_throughput (restoration images/s over the best raw
 forward+backward images/s across batch sizes, in the precision the scan chose), tabor_over_cascade (full TABOR seconds over the
 `--mode fast` cascade's seconds, NeuronInspect included, measured back to back on the same model).
-Writes benchmarks/results/speed.json and .md.
+`--rounds N` measures everything N times, interleaved, and reports each ratio's median over
+the rounds (each ratio taken within one round): on a shared host one detector's run can take
+twice its time in a slow spell. Writes benchmarks/results/speed.json and .md.
 
     python benchmarks/speed.py --device cuda [--results-dir DIR]
 
@@ -36,6 +38,8 @@ import resource
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -152,6 +156,18 @@ def cascade_table(rows: list[dict]) -> str:
          for r in rows])
 
 
+def round_ratios(r: dict[str, dict]) -> dict[str, float]:
+    """The speed ratios of one round of measurements (see the module docstring)."""
+    nc = r["nc"]
+    return {
+        "nc_over_ni": nc["seconds"] / r["ni"]["seconds"],
+        "tabor_over_nc": r["tabor"]["seconds"] / nc["seconds"],
+        "sequential_over_batched": r["nc_sequential"]["seconds"] / nc["seconds"],
+        "scan_over_raw_throughput": nc["restoration_images"] / nc["seconds"] / nc["raw_best_images_per_second"],
+        "tabor_over_cascade": r["tabor"]["seconds"] / r["cascade"]["seconds"],
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", type=Path, default=Path("zoo/fashion-mnist"))
@@ -163,6 +179,8 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda; cuda writes speed_cuda.json")
     parser.add_argument("--ranker", default="ni", choices=("ni", "hotspot"), help="who ranks the classes in the cascade")
     parser.add_argument("--top-k", type=int, default=3, help="the ranker's most suspicious classes TABOR restores")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every detector this many times, interleaved; ratios are the median over rounds")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default="speed", help="with --cascade-only: another name writes a result file of "
                                                         "its own instead of merging into speed.json")
@@ -214,21 +232,27 @@ def main() -> int:
         return 0
 
     device = args.device
-    reports = {name: run(model_path, data_path, name, {}, args.threads, device) for name in ("ni", "nc", "tabor", "ncpp")}
-    sequential = run(model_path, data_path, "nc", {"slots": 1}, args.threads, device)
     cascade_settings = {"cascade": {"ranker": args.ranker, "top_k": args.top_k}}
-    cascade = run(model_path, data_path, "cascade", cascade_settings, args.threads, device)
+
+    def one_round() -> dict[str, dict]:
+        measured = {name: run(model_path, data_path, name, {}, args.threads, device) for name in ("ni", "nc", "tabor", "ncpp")}
+        measured["nc_sequential"] = run(model_path, data_path, "nc", {"slots": 1}, args.threads, device)
+        measured["cascade"] = run(model_path, data_path, "cascade", cascade_settings, args.threads, device)
+        return measured
+
+    # each round measures every detector back to back; ratios are taken within a round and the
+    # median over rounds is reported, so a slow spell of a shared host skews one round, not a ratio
+    rounds = [one_round() for _ in range(args.rounds)]
+    per_round = [round_ratios(r) for r in rounds]
+    ratios = {k: float(np.median([r[k] for r in per_round])) for k in per_round[0]}
+    # the round whose NC time is the median stands for the table (seconds, memory, flags)
+    middle = sorted(rounds, key=lambda r: r["nc"]["seconds"])[len(rounds) // 2]
+    reports = {name: middle[name] for name in ("ni", "nc", "tabor", "ncpp")}
+    sequential, cascade = middle["nc_sequential"], middle["cascade"]
     rows = cascade_rows(args.zoo, [args.model, *more], args.threads, {args.model: (reports["tabor"], cascade)}, device,
                         cascade_settings)
     nc = reports["nc"]
     scan_rate = nc["restoration_images"] / nc["seconds"]
-    ratios = {
-        "nc_over_ni": nc["seconds"] / reports["ni"]["seconds"],
-        "tabor_over_nc": reports["tabor"]["seconds"] / nc["seconds"],
-        "sequential_over_batched": sequential["seconds"] / nc["seconds"],
-        "scan_over_raw_throughput": scan_rate / nc["raw_best_images_per_second"],
-        "tabor_over_cascade": reports["tabor"]["seconds"] / cascade["seconds"],
-    }
     default_scan = reports["ni"]["seconds"] + reports["tabor"]["seconds"]
     gpu = device != "cpu"
     labelled = [*reports.items(), ("nc one class at a time", sequential), (f"cascade ({args.ranker} + tabor on suspects)", cascade)]
@@ -236,7 +260,12 @@ def main() -> int:
                    r["flagged"]] for name, r in labelled]
     table = markdown_table(["detector", "seconds", "peak RSS MB", *(["peak GPU MB"] if gpu else []), "flagged"],
                            rows_table)
-    table += "\n\n" + markdown_table(["ratio", "value"], [[k, "-" if v is None else f"{v:.2f}"] for k, v in ratios.items()])
+    table += "\n\n" + markdown_table(["ratio", "value", *(["per round"] if len(rounds) > 1 else [])],
+                                      [[k, f"{v:.2f}", *([", ".join(f"{r[k]:.2f}" for r in per_round)] if len(rounds) > 1 else [])]
+                                       for k, v in ratios.items()])
+    if len(rounds) > 1:
+        table += (f"\n\n{len(rounds)} rounds; ratios: median over rounds, each taken within its round; seconds and "
+                  "memory above: the round with the median NC time.")
     table += f"\n\nDefault scan (ni + tabor): {default_scan:.1f} s. NC restoration {scan_rate:.0f} images/s vs raw best " \
              f"{nc['raw_best_images_per_second']:.0f} images/s ({nc['raw_precision']}).\n\n## Cascade (`--mode fast`)\n\n" + cascade_table(rows)
     write_results("speed" if not gpu else f"speed_{device}", {"model_id": args.model, "device": device,
@@ -247,6 +276,7 @@ def main() -> int:
                             "peak_memory_mb": {k: r["peak_rss_mb"] for k, r in reports.items()} | {"cascade": cascade["peak_rss_mb"]},
                             "peak_gpu_memory_mb": ({k: r["peak_gpu_mb"] for k, r in labelled} if gpu else None),
                             "cascade": cascade_figures(args.threads, rows),
+                            "rounds": len(rounds), "ratios_by_round": per_round,
                             "details": reports | {"nc_sequential": sequential, "cascade": cascade}}, table,
                   results_dir=args.results_dir)
     print(table)

@@ -40,18 +40,19 @@ def test_bf16_logits_are_float32_close_to_fp32_and_carry_input_gradients():
 def test_auto_precision_takes_bf16_only_for_a_clear_gain():
     slots, bf16, probe = choose_slots(small_cnn(), (1, 8, 8), torch.device("cpu"), images_per_class=32,
                                       num_classes=5, precision="auto")
-    fp32_best = max(probe["fp32_images_per_second"].values())
-    bf16_best = max(probe["bf16_images_per_second"].values())
-    assert bf16 == (bf16_best >= BF16_MIN_GAIN * fp32_best)
+    compared = probe["precision_probe"]
+    assert compared["batch"] == 5 * 32  # both precisions at the step of every class at once
+    assert bf16 == (compared["bf16_images_per_second"] >= BF16_MIN_GAIN * compared["fp32_images_per_second"])
     assert probe["precision"] == ("bf16" if bf16 else "fp32")
-    chosen = probe["bf16_images_per_second" if bf16 else "fp32_images_per_second"]
-    assert probe["images_per_second"] == chosen  # slots are sized on the rates of the chosen precision
+    # slots are sized on the chosen precision's rates, over the batches 5 classes can use
+    assert list(probe["images_per_second"]) == ["32", "64", "128", "160"]
+    assert probe["images_per_second"]["160"] == compared["bf16_images_per_second" if bf16 else "fp32_images_per_second"]
     assert 1 <= slots <= 5
 
 
 def test_fixed_precision_is_taken_as_given():
     _, bf16, probe = choose_slots(small_cnn(), (1, 8, 8), torch.device("cpu"), 32, 5, precision="bf16")
-    assert bf16 and probe["precision"] == "bf16" and "fp32_images_per_second" not in probe
+    assert bf16 and probe["precision"] == "bf16" and "precision_probe" not in probe
     # slots and precision both fixed: nothing to probe
     slots, bf16, notes = plan_restoration(small_cnn(), (1, 8, 8), torch.device("cpu"),
                                           RestorationSettings(slots=3, precision="fp32"), 5)

@@ -354,6 +354,11 @@ GPU_BATCHES = CPU_BATCHES + (1024, 2048, 4096)
 NEAR_FASTEST = 0.85  # choose_slots takes the largest batch at least this fast relative to the fastest
 
 
+def batch_mb(size: int, input_shape: tuple[int, ...]) -> float:
+    """A rough bound of a step's memory: inputs, stamped copies and their gradients."""
+    return size * 4 * math.prod(input_shape) * 8 / 1e6
+
+
 def fastest_batch(model: torch.nn.Module, input_shape: tuple[int, int, int], device: torch.device,
                   candidates: tuple[int, ...] | None = None, repeats: int = 3, min_seconds: float = 0.05,
                   memory_budget_mb: float | None = None, bf16: bool = False) -> tuple[int, dict[int, float]]:
@@ -367,7 +372,6 @@ def fastest_batch(model: torch.nn.Module, input_shape: tuple[int, int, int], dev
     if candidates is None:
         candidates = CPU_BATCHES if device.type == "cpu" else GPU_BATCHES
     rates: dict[int, float] = {}
-    per_image_mb = 4 * math.prod(input_shape) * 8 / 1e6  # inputs, stamped copies, grads: a rough bound
 
     def forward_backward(x: torch.Tensor) -> None:
         x.grad = None
@@ -376,7 +380,7 @@ def fastest_batch(model: torch.nn.Module, input_shape: tuple[int, int, int], dev
             torch.cuda.synchronize(device)
 
     for size in candidates:
-        if memory_budget_mb is not None and size * per_image_mb > memory_budget_mb:
+        if memory_budget_mb is not None and batch_mb(size, input_shape) > memory_budget_mb:
             break
         x = torch.rand((size, *input_shape), device=device, requires_grad=True)
         forward_backward(x)  # warm-up
@@ -404,37 +408,59 @@ def bf16_usable(device: torch.device) -> bool:
     return device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
 
 
+def usable_batches(device: torch.device, images_per_class: int, num_classes: int) -> tuple[int, ...]:
+    """The step sizes a restoration of `num_classes` classes can take: the device's candidate
+    batches below `num_classes * images_per_class` (every class active) and that one itself.
+    Probing larger batches measured steps the restoration never makes (512 for 10 classes of 32)."""
+    every_class = num_classes * images_per_class
+    listed = CPU_BATCHES if device.type == "cpu" else GPU_BATCHES
+    return tuple(size for size in listed if size < every_class) + (every_class,)
+
+
 def choose_slots(model: torch.nn.Module, input_shape: tuple[int, int, int], device: torch.device,
                  images_per_class: int, num_classes: int, memory_budget_mb: float | None = None,
                  precision: str = "fp32", slots: int = 0) -> tuple[int, bool, dict]:
     """How many classes to optimise together, and whether the model computes in bfloat16.
 
-    Slots: the device's batch over images per class. The batch is the largest whose raw rate is
-    within `NEAR_FASTEST` of the fastest: a restoration step also pays per-step costs the probe
-    leaves out (per-class bookkeeping, Adam on the rows), so at a near tie fewer, larger steps
-    win; and on a CPU the rates of 32..512 lie so close that taking the argmax let noise pick one
-    class at a time (seen: TABOR ran with 1 slot, Neural Cleanse with 4, on the same model).
-    `slots` > 0 fixes them (only the precision is probed, at that batch).
+    Slots: the device's batch over images per class. The batch is the largest of the usable ones
+    (`usable_batches`) whose raw rate is within `NEAR_FASTEST` of the fastest: a restoration step
+    also pays per-step costs the probe leaves out (per-class bookkeeping, Adam on the rows), so
+    at a near tie fewer, larger steps win; and on a CPU the rates of 32..512 lie so close that
+    taking the argmax let noise pick one class at a time (seen: TABOR ran with 1 slot, Neural
+    Cleanse with 4, on the same model). `slots` > 0 fixes them (only the precision is probed, at
+    that batch).
 
-    Precision "auto" probes both and takes bfloat16 when its best rate is `BF16_MIN_GAIN` times
-    float32's: on an Intel Xeon with AMX (2 cores) a small CNN's forward+backward ran 2-2.7x
-    faster in bfloat16; where the hardware has no bfloat16 units the probe keeps float32.
+    Precision "auto" compares both at the largest usable batch (every class in one step) and
+    takes bfloat16 when it is `BF16_MIN_GAIN` times faster there: on an Intel Xeon with AMX (2
+    cores) a small CNN's forward+backward ran 2-2.7x faster in bfloat16; where the hardware has
+    no bfloat16 units the probe keeps float32. Only the chosen precision is then swept over the
+    batch sizes (sweeping both cost up to 1.5 s of a 10-15 s scan on 2 cores).
     Returns (slots, bf16, probe notes)."""
-    candidates = (slots * images_per_class,) if slots else None
+    candidates = (slots * images_per_class,) if slots else usable_batches(device, images_per_class, num_classes)
+    if memory_budget_mb is not None:  # at least the smallest, as a restoration needs one step
+        candidates = tuple(c for c in candidates if batch_mb(c, input_shape) <= memory_budget_mb) or candidates[:1]
     options = {"fp32": [False], "bf16": [True], "auto": [False, True] if bf16_usable(device) else [False]}[precision]
-    rates_by = {bf16: fastest_batch(model, input_shape, device, candidates=candidates,
-                                    memory_budget_mb=memory_budget_mb, bf16=bf16)[1] for bf16 in options}
-    bf16 = options == [True] or (len(options) == 2 and max(rates_by[True].values())
-                                 >= BF16_MIN_GAIN * max(rates_by[False].values()))
-    rates = rates_by[bf16]
+    notes: dict = {}
+    rates: dict[int, float] = {}
+    if len(options) == 2:
+        at = candidates[-1:]
+        compared = {bf16: fastest_batch(model, input_shape, device, candidates=at, bf16=bf16)[1][at[0]]
+                    for bf16 in options}
+        bf16 = compared[True] >= BF16_MIN_GAIN * compared[False]
+        rates[at[0]] = compared[bf16]  # measured already: the sweep skips it
+        notes["precision_probe"] = {"batch": at[0], "fp32_images_per_second": round(compared[False], 1),
+                                    "bf16_images_per_second": round(compared[True], 1)}
+    else:
+        bf16 = options == [True]
+    remaining = tuple(size for size in candidates if size not in rates)
+    if remaining:
+        rates |= fastest_batch(model, input_shape, device, candidates=remaining, bf16=bf16)[1]
+    rates = dict(sorted(rates.items()))
     batch = near_fastest_batch(rates)
     chosen = slots or max(1, min(num_classes, round(batch / images_per_class)))
-    notes = {"fastest_batch": max(rates, key=rates.get), "chosen_batch": batch,  # type: ignore[arg-type]
-             "precision": "bf16" if bf16 else "fp32",
-             "images_per_second": {str(k): round(v, 1) for k, v in rates.items()}}
-    if len(options) == 2:
-        notes["fp32_images_per_second"] = {str(k): round(v, 1) for k, v in rates_by[False].items()}
-        notes["bf16_images_per_second"] = {str(k): round(v, 1) for k, v in rates_by[True].items()}
+    notes |= {"fastest_batch": max(rates, key=rates.get), "chosen_batch": batch,  # type: ignore[arg-type]
+              "precision": "bf16" if bf16 else "fp32",
+              "images_per_second": {str(k): round(v, 1) for k, v in rates.items()}}
     return chosen, bf16, notes
 
 
