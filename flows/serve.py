@@ -90,8 +90,8 @@ def serve_all(watch_interval: float | None = None, limit: int | None = None, pol
     others = [registry_watcher.to_deployment(name="registry-watcher", interval=watch_interval),
               scan_file.to_deployment(name="scan-file"),
               unlearn_retrain.to_deployment(name="unlearn-retrain")]
+    skip_unused_certificate_parsing()  # first: every Prefect client from here on is cheaper
     ensure_lock_limits()
-    skip_unused_certificate_parsing()
     threads = scan_threads(limit)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # read by torch in Prefect's spawned runs
     if warm:
