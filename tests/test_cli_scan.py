@@ -50,7 +50,7 @@ def test_trojaned_model_is_flagged_with_its_target(smoke, tmp_path):
     assert mask[20:28, 20:28].sum() > 0.5 * mask.sum()
     assert (tmp_path / result["detectors"]["ni"]["artifacts"]["7"]["saliency"]).is_file()
     probe = result["detectors"]["tabor"]["notes"]["device_probe"]  # auto precision: both were measured
-    assert {"fp32_images_per_second", "bf16_images_per_second"} <= set(probe)
+    assert {"fp32_images_per_second", "bf16_images_per_second"} <= set(probe["precision_probe"])
     assert result["detectors"]["tabor"]["notes"]["precision"] == probe["precision"]
 
 
