@@ -354,6 +354,11 @@ GPU_BATCHES = CPU_BATCHES + (1024, 2048, 4096)
 NEAR_FASTEST = 0.85  # choose_slots takes the largest batch at least this fast relative to the fastest
 
 
+def device_batches(device: torch.device) -> tuple[int, ...]:
+    """The batch sizes worth probing on this kind of device."""
+    return CPU_BATCHES if device.type == "cpu" else GPU_BATCHES
+
+
 def batch_mb(size: int, input_shape: tuple[int, ...]) -> float:
     """A rough bound of a step's memory: inputs, stamped copies and their gradients."""
     return size * 4 * math.prod(input_shape) * 8 / 1e6
@@ -363,14 +368,14 @@ def fastest_batch(model: torch.nn.Module, input_shape: tuple[int, int, int], dev
                   candidates: tuple[int, ...] | None = None, repeats: int = 3, min_seconds: float = 0.05,
                   memory_budget_mb: float | None = None, bf16: bool = False) -> tuple[int, dict[int, float]]:
     """Measure forward+backward images/s (gradient w.r.t. the input, as restoration needs) for
-    each candidate batch size (default by device type: CPU_BATCHES or GPU_BATCHES), each over at
+    each candidate batch size (default `device_batches`), each over at
     least `repeats` passes and `min_seconds` (a few milliseconds of a small batch are mostly
     noise), with the model in bfloat16 autocast when `bf16`; return the fastest that fits the
     memory budget and all rates."""
     import time
 
     if candidates is None:
-        candidates = CPU_BATCHES if device.type == "cpu" else GPU_BATCHES
+        candidates = device_batches(device)
     rates: dict[int, float] = {}
 
     def forward_backward(x: torch.Tensor) -> None:
@@ -413,8 +418,7 @@ def usable_batches(device: torch.device, images_per_class: int, num_classes: int
     batches below `num_classes * images_per_class` (every class active) and that one itself.
     Probing larger batches measured steps the restoration never makes (512 for 10 classes of 32)."""
     every_class = num_classes * images_per_class
-    listed = CPU_BATCHES if device.type == "cpu" else GPU_BATCHES
-    return tuple(size for size in listed if size < every_class) + (every_class,)
+    return tuple(size for size in device_batches(device) if size < every_class) + (every_class,)
 
 
 def choose_slots(model: torch.nn.Module, input_shape: tuple[int, int, int], device: torch.device,
