@@ -191,6 +191,8 @@ def main() -> int:
     parser.add_argument("--name", default="speed", help="with --cascade-only: another name writes a result file of "
                                                         "its own instead of merging into speed.json")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, not {args.rounds}")
     model_path, data_path, _ = model_files(args.zoo, args.model)
     more = [m for m in args.catches.split(",") if m and m != args.model]
 
