@@ -85,6 +85,8 @@ class _LeaseRenewal:
     a lost claim lease is caught by the gate's claim check, a lost scan lease at worst lets a
     second scan of the same bytes start."""
 
+    period = LEASE_SECONDS * 0.75
+
     def __init__(self, lease_id: UUID, limit_name: str) -> None:
         self.lease_id, self.limit_name = lease_id, limit_name
         self.stopped = threading.Event()
@@ -102,7 +104,7 @@ class _LeaseRenewal:
     def _renew_until_stopped(self) -> None:
         with contextlib.ExitStack() as opened:
             client = None
-            while not self.stopped.wait(LEASE_SECONDS * 0.75):
+            while not self.stopped.wait(self.period):
                 try:
                     client = client or opened.enter_context(get_client(sync_client=True))
                     client.renew_concurrency_lease(self.lease_id, lease_duration=LEASE_SECONDS)

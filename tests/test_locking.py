@@ -95,3 +95,34 @@ def test_the_scan_lock_keeps_a_second_scan_of_the_same_bytes_waiting(prefect_api
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name(scan_limit_name(sha256, settings)).limit == 1, \
             "the missing limit was created, with one slot"
+
+
+def test_a_held_lock_renews_its_lease_and_a_released_one_is_free_at_once(prefect_api: str, monkeypatch, caplog) -> None:
+    """The renewal thread really calls the server (a renewal it could not make is a warning),
+    stops with the lock, and the release frees the slot for the next holder without waiting."""
+    from prefect.client.orchestration import SyncPrefectClient
+
+    import flows.locking as locking
+
+    renewals: list[object] = []
+    renew = SyncPrefectClient.renew_concurrency_lease
+
+    def counted(self, lease_id, lease_duration):  # the real call, counted
+        renewals.append(lease_id)
+        return renew(self, lease_id, lease_duration)
+
+    monkeypatch.setattr(SyncPrefectClient, "renew_concurrency_lease", counted)
+    monkeypatch.setattr(locking._LeaseRenewal, "period", 0.2)
+    ensure_lock_limits()
+    with caplog.at_level("WARNING", logger="trojanscan.locking"):
+        with scan_lock("cd" * 32, "renewal-test", timeout_seconds=30):
+            time.sleep(1.0)
+        held = len(renewals)
+        time.sleep(0.6)
+        started = time.monotonic()
+        with scan_lock("cd" * 32, "renewal-test", timeout_seconds=30):
+            waited = time.monotonic() - started
+    assert held >= 2, f"a lock held 1 s with a 0.2 s period renewed {held} times"
+    assert len(renewals) <= held + 1, "renewals stop once the lock is given back"
+    assert waited < 1.0, f"the released slot was taken again after {waited:.2f} s"
+    assert not [r for r in caplog.records if "renew" in r.getMessage()], "every renewal was accepted"
