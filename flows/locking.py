@@ -125,10 +125,10 @@ def _acquire(client: SyncPrefectClient, limit_name: str, timeout_seconds: float)
         except httpx.HTTPStatusError as error:
             if error.response.status_code != 423:  # 423 Locked: someone holds it
                 raise
-            wait = float(error.response.headers.get("Retry-After", 1.0))
-            if time.monotonic() + wait > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise TimeoutError(f"lock {limit_name} not free within {timeout_seconds:g} s") from None
-            time.sleep(wait)
+            time.sleep(min(float(error.response.headers.get("Retry-After", 1.0)), remaining))
             continue
         granted = response.json()
         if granted.get("limits"):

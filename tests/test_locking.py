@@ -126,3 +126,19 @@ def test_a_held_lock_renews_its_lease_and_a_released_one_is_free_at_once(prefect
     assert len(renewals) <= held + 1, "renewals stop once the lock is given back"
     assert waited < 1.0, f"the released slot was taken again after {waited:.2f} s"
     assert not [r for r in caplog.records if "renew" in r.getMessage()], "every renewal was accepted"
+
+
+def test_a_lock_not_free_within_its_timeout_raises_timeout_error(prefect_api: str) -> None:
+    import pytest
+
+    sha256, settings = "ef" * 32, "timeout-test"
+    ensure_lock_limits()
+    with scan_lock(sha256, settings, timeout_seconds=30):
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match="not free within"):
+            with scan_lock(sha256, settings, timeout_seconds=1.5):
+                pass
+        waited = time.monotonic() - started
+    assert waited < 10, f"gave up after {waited:.1f} s on a 1.5 s timeout"
+    with scan_lock(sha256, settings, timeout_seconds=5):  # free again once the holder left
+        pass
