@@ -99,7 +99,9 @@ class _LeaseRenewal:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        # wait out a renewal already in flight, so none reaches the server after the release
         self.stopped.set()
+        self.thread.join(timeout=10)
 
     def _renew_until_stopped(self) -> None:
         with contextlib.ExitStack() as opened:

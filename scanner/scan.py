@@ -298,9 +298,11 @@ def scan_model(model_path: str | Path, data_path: str | Path, settings: ScanSett
     data.check_fits(num_classes, loaded.input_shape, min_per_class=settings.min_images_per_class)
     # the check runs on the CPU: on a CPU scan after the channels-last layout (the forward over
     # 500 Fashion-MNIST images, one thread: 53 -> 28 ms), before a GPU scan's .to(device)
-    module = place_on_device(loaded.module, device) if device.type == "cpu" else loaded.module
+    on_cpu = device.type == "cpu"
+    module = place_on_device(loaded.module, device) if on_cpu else loaded.module
     clean_accuracy = check_clean_accuracy(module, data, num_classes, settings)
-    module = place_on_device(module, device)
+    if not on_cpu:
+        module = place_on_device(module, device)
     result = ScanResult(
         model={"reference": model_reference or str(model_path), "path": str(model_path), "format": loaded.format,
                "sha256": loaded.sha256, "input_shape": list(data.image_shape), "num_classes": num_classes,
