@@ -6,7 +6,8 @@ Each measurement runs in a fresh process (so its peak RSS is its own) on the sam
 clean data. Ratios (larger = the first is slower, except scan_over_raw_throughput):
 nc_over_ni, tabor_over_nc, sequential_over_batched (Neural Cleanse one class at a time vs all
 classes batched), scan_over_raw_throughput (restoration images/s over the best raw
-forward+backward images/s across batch sizes, in the precision the scan chose), tabor_over_cascade (full TABOR seconds over the
+forward+backward images/s across batch sizes, in the precision the scan chose, the mean of
+one sweep just before the scan and one just after it), tabor_over_cascade (full TABOR seconds over the
 `--mode fast` cascade's seconds, NeuronInspect included, measured back to back on the same model).
 `--rounds N` measures everything N times, interleaved, and reports each ratio's median over
 the rounds (each ratio taken within one round): on a shared host one detector's run can take
@@ -50,8 +51,11 @@ RAW_SECONDS_PER_BATCH = 1.0  # how long the raw forward+backward rate is measure
 
 
 def measure(model_path: str, data_path: str, detector: str, settings: dict, threads: int, device_name: str,
-            queue) -> None:
-    """Child process: load, scan with one detector, report seconds, peak RSS and counters."""
+            queue, raw_before: dict | None = None) -> None:
+    """Child process: load, scan with one detector, report seconds, peak RSS and counters.
+    `detector` "raw" reports the raw forward+backward sweep alone (both precisions); Neural
+    Cleanse's report adds the same sweep after its scan, beside `raw_before` (the "raw" report
+    measured just before it in its own process, so it does not count in the scan's peak RSS)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -65,6 +69,11 @@ def measure(model_path: str, data_path: str, detector: str, settings: dict, thre
     data = CleanData.load_npz(data_path)
     loaded = load_model(model_path, check_data=data.x[:64])
     place_on_device(loaded.module, device)  # as scan_model does (in place)
+    raw_sweep = dict(candidates=GPU_BATCHES, min_seconds=RAW_SECONDS_PER_BATCH)
+    if detector == "raw":  # the sweep alone, in both precisions (the scan after it picks its own)
+        queue.put({str(bf16): fastest_batch(loaded.module, data.image_shape, device, bf16=bf16, **raw_sweep)[1]
+                   for bf16 in (False, True)})
+        return
     if device.type == "cuda":  # start the clock on a warm device: context creation is not the scan's
         torch.ones(1, device=device).sum().item()
         torch.cuda.reset_peak_memory_stats(device)
@@ -99,22 +108,28 @@ def measure(model_path: str, data_path: str, detector: str, settings: dict, thre
         bf16 = result.notes.get("precision") == "bf16"
         # a second per batch size: the scan's own probe takes a few passes each, whose maximum over
         # eight sizes on a busy 2-core host was up to twice the steady rate (2026-12-05)
-        best, rates = fastest_batch(loaded.module, data.image_shape, device, candidates=GPU_BATCHES, bf16=bf16,
-                                    min_seconds=RAW_SECONDS_PER_BATCH)
+        best, rates = fastest_batch(loaded.module, data.image_shape, device, bf16=bf16, **raw_sweep)
+        before = {int(k): v for k, v in (raw_before or {}).get(str(bf16), rates).items()}
         report["raw_precision"] = "bf16" if bf16 else "fp32"
+        report["raw_images_per_second_before"] = {str(k): v for k, v in before.items()}
         report["raw_images_per_second"] = {str(k): v for k, v in rates.items()}
-        report["raw_best_images_per_second"] = max(rates.values())
+        report["raw_best_images_per_second_before"] = max(before.values())
+        report["raw_best_images_per_second_after"] = max(rates.values())
+        report["raw_best_images_per_second"] = (max(before.values()) + max(rates.values())) / 2
     queue.put(report)
 
 
-def run(model_path: Path, data_path: Path, detector: str, settings: dict, threads: int, device: str = "cpu") -> dict:
+def run(model_path: Path, data_path: Path, detector: str, settings: dict, threads: int, device: str = "cpu",
+        raw_before: dict | None = None) -> dict:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=measure,
-                              args=(str(model_path), str(data_path), detector, settings, threads, device, queue))
+    process = context.Process(target=measure, args=(str(model_path), str(data_path), detector, settings, threads,
+                                                    device, queue, raw_before))
     process.start()
     report = queue.get()
     process.join()
+    if detector == "raw":
+        return report
     print(f"{detector:6s} {json.dumps(settings):20s} {report['seconds']:8.1f} s  peak {report['peak_rss_mb']:.0f} MB  "
           f"flagged {report['flagged']}", flush=True)
     return report
@@ -170,6 +185,8 @@ def round_ratios(r: dict[str, dict]) -> dict[str, float]:
         "tabor_over_nc": r["tabor"]["seconds"] / nc["seconds"],
         "sequential_over_batched": r["nc_sequential"]["seconds"] / nc["seconds"],
         "scan_over_raw_throughput": nc["restoration_images"] / nc["seconds"] / nc["raw_best_images_per_second"],
+        # the figure as measured before 2026-12-06: raw after the scan only
+        "scan_over_raw_after_only": nc["restoration_images"] / nc["seconds"] / nc["raw_best_images_per_second_after"],
         "tabor_over_cascade": r["tabor"]["seconds"] / r["cascade"]["seconds"],
     }
 
@@ -243,7 +260,10 @@ def main() -> int:
     cascade_settings = {"cascade": {"ranker": args.ranker, "top_k": args.top_k}}
 
     def one_round() -> dict[str, dict]:
-        measured = {name: run(model_path, data_path, name, {}, args.threads, device) for name in ("ni", "nc", "tabor", "ncpp")}
+        measured = {"ni": run(model_path, data_path, "ni", {}, args.threads, device)}
+        raw_before = run(model_path, data_path, "raw", {}, args.threads, device)  # just before NC: see measure
+        measured["nc"] = run(model_path, data_path, "nc", {}, args.threads, device, raw_before=raw_before)
+        measured |= {name: run(model_path, data_path, name, {}, args.threads, device) for name in ("tabor", "ncpp")}
         measured["nc_sequential"] = run(model_path, data_path, "nc", {"slots": 1}, args.threads, device)
         measured["cascade"] = run(model_path, data_path, "cascade", cascade_settings, args.threads, device)
         return measured
@@ -275,7 +295,10 @@ def main() -> int:
         table += (f"\n\n{len(rounds)} rounds; ratios: median over rounds, each taken within its round; seconds and "
                   "memory above: the round with the median NC time.")
     table += f"\n\nDefault scan (ni + tabor): {default_scan:.1f} s. NC restoration {scan_rate:.0f} images/s vs raw best " \
-             f"{nc['raw_best_images_per_second']:.0f} images/s ({nc['raw_precision']}).\n\n## Cascade (`--mode fast`)\n\n" + cascade_table(rows)
+             f"{nc['raw_best_images_per_second']:.0f} images/s ({nc['raw_precision']}; the mean of " \
+             f"{nc['raw_best_images_per_second_before']:.0f} before the scan and " \
+             f"{nc['raw_best_images_per_second_after']:.0f} after it; scan_over_raw_after_only: the ratio to the " \
+             f"second alone, as this file reported it before).\n\n## Cascade (`--mode fast`)\n\n" + cascade_table(rows)
     write_results("speed" if not gpu else f"speed_{device}", {"model_id": args.model, "device": device,
                             "threads": args.threads, "ratios": ratios,
                             "seconds": {k: r["seconds"] for k, r in reports.items()} | {"nc_sequential": sequential["seconds"],
