@@ -71,7 +71,7 @@ def measure(model_path: str, data_path: str, detector: str, settings: dict, thre
     place_on_device(loaded.module, device)  # as scan_model does (in place)
     raw_sweep = dict(candidates=GPU_BATCHES, min_seconds=RAW_SECONDS_PER_BATCH)
     if detector == "raw":  # the sweep alone, in both precisions (the scan after it picks its own)
-        queue.put({str(bf16): fastest_batch(loaded.module, data.image_shape, device, bf16=bf16, **raw_sweep)[1]
+        queue.put({bf16: fastest_batch(loaded.module, data.image_shape, device, bf16=bf16, **raw_sweep)[1]
                    for bf16 in (False, True)})
         return
     if device.type == "cuda":  # start the clock on a warm device: context creation is not the scan's
@@ -109,7 +109,7 @@ def measure(model_path: str, data_path: str, detector: str, settings: dict, thre
         # a second per batch size: the scan's own probe takes a few passes each, whose maximum over
         # eight sizes on a busy 2-core host was up to twice the steady rate (2026-12-05)
         best, rates = fastest_batch(loaded.module, data.image_shape, device, bf16=bf16, **raw_sweep)
-        before = {int(k): v for k, v in (raw_before or {}).get(str(bf16), rates).items()}
+        before = (raw_before or {}).get(bf16, rates)  # without a sweep before (not in main's rounds): after only
         report["raw_precision"] = "bf16" if bf16 else "fp32"
         report["raw_images_per_second_before"] = {str(k): v for k, v in before.items()}
         report["raw_images_per_second"] = {str(k): v for k, v in rates.items()}
