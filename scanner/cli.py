@@ -275,7 +275,7 @@ def scan(
     mode: str = typer.Option("full", help="full, or fast (NeuronInspect ranks, TABOR restores the suspects)"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     precision: str = typer.Option("auto", help="the model's arithmetic while restoring triggers: auto (bf16 where the "
-                                  "device runs it clearly faster, measured at the start), fp32 or bf16"),
+                                  "device has bfloat16 arithmetic, fp32 elsewhere), fp32 or bf16"),
     json_path: Path = typer.Option(None, "--json", help="write the result JSON here"),
     out: Path = typer.Option(None, help="folder for restored triggers and saliency pictures (default: beside --json)"),
     seed: int = typer.Option(0, help="seed of every random choice (recorded)"),

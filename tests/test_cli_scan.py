@@ -49,8 +49,8 @@ def test_trojaned_model_is_flagged_with_its_target(smoke, tmp_path):
     # the restored trigger sits where the real one is: bottom-right 4x4 at rows/cols 23..26
     assert mask[20:28, 20:28].sum() > 0.5 * mask.sum()
     assert (tmp_path / result["detectors"]["ni"]["artifacts"]["7"]["saliency"]).is_file()
-    probe = result["detectors"]["tabor"]["notes"]["device_probe"]  # auto precision: both were measured
-    assert {"fp32_images_per_second", "bf16_images_per_second"} <= set(probe["precision_probe"])
+    probe = result["detectors"]["tabor"]["notes"]["device_probe"]  # slots sized on the timed batches
+    assert probe["chosen_batch"] in {int(size) for size in probe["images_per_second"]}
     assert result["detectors"]["tabor"]["notes"]["precision"] == probe["precision"]
 
 

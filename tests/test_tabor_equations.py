@@ -238,3 +238,48 @@ def test_at_most_slots_classes_share_a_step_and_every_class_runs():
                                slots=2, size_penalty=lambda mask, pattern: mask.sum(dim=(1, 2, 3)))
     assert set(batch_sizes) <= {4, 8} and 8 in batch_sizes  # two classes of 4 images, one when the last runs alone
     assert (outcome.steps > 0).all() and sum(batch_sizes) == 4 * outcome.steps.sum()
+
+
+def tabor_restoration(model: nn.Module, x: np.ndarray, y: np.ndarray, slots: int, classes: list[int] | None = None,
+                      seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """TABOR's restoration and pruning of a tiny 4-class model: (masks, patterns, refined masks)."""
+    s = TaborSettings(batch_size=6, max_steps=60, blocking_images=2, prune_steps=20)
+    outcome = restore_triggers(model, x, y, 4, s, seed=seed, device=torch.device("cpu"), slots=slots,
+                               size_penalty=lambda mask, pattern: tabor_regularizers(mask, pattern, s),
+                               extra_terms=lambda xs, ys, mask, pattern, t: tabor_extra_terms(xs, ys, mask, pattern, t, s),
+                               classes=classes)
+    rows = classes or list(range(4))
+    refined, _ = xai_prune_mask(model, x, y, outcome.masks[rows], outcome.patterns[rows], s, seed=seed,
+                                device=torch.device("cpu"), slots=slots, classes=rows)
+    return outcome.masks[rows], outcome.patterns[rows], refined
+
+
+def test_restored_triggers_do_not_depend_on_the_classes_sharing_a_step():
+    """Each class draws its own images, so the slots the device probe picks (or the cascade
+    restoring one class alone) change the speed, not the triggers nor the verdict."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    rng = np.random.default_rng(0)
+    x, y = rng.random((40, 1, 4, 4), dtype=np.float32), np.arange(40) % 4
+    one_at_a_time = tabor_restoration(model, x, y, slots=1)
+    for slots in (3, 4):
+        for a, b in zip(one_at_a_time, tabor_restoration(model, x, y, slots=slots)):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+    alone = tabor_restoration(model, x, y, slots=4, classes=[2])
+    for a, b in zip(one_at_a_time, alone):
+        np.testing.assert_allclose(a[2], b[0], atol=1e-6)
+    other_seed = tabor_restoration(model, x, y, slots=4, seed=1)
+    assert not np.allclose(one_at_a_time[0], other_seed[0], atol=1e-3)  # the seed still decides the images
+
+
+def test_r3_takes_each_class_its_own_blocked_images():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x, y = torch.rand((2, 5, 1, 4, 4)), torch.tensor([[0, 1, 2, 0, 1], [2, 2, 1, 0, 0]])
+    mask, pattern, targets = torch.cat([block_mask(), block_mask(top=0, left=2)]), torch.rand((2, 1, 4, 4)), torch.tensor([2, 1])
+    s = TaborSettings(blocking=1.0, overlaying=0.0, blocking_images=3)
+    inputs, loss_of = tabor_extra_terms(x, y, mask, pattern, targets, s)
+    assert inputs.shape == (6, 1, 4, 4)
+    expected = torch.stack([nn.functional.cross_entropy(model((1 - mask[k]) * x[k, :3]), y[k, :3]) for k in range(2)])
+    assert torch.allclose(loss_of(model(inputs)), expected, atol=1e-6)
+    per_class = stamp(x, mask, pattern)
+    assert torch.allclose(per_class[5:], (1 - mask[1]) * x[1] + mask[1] * pattern[1])  # class 1 on its own batch

@@ -2,10 +2,17 @@
 TABOR and NC++).
 
 Every public implementation optimises one class after another. Here all classes' masks and
-patterns are rows of one tensor; a step stamps each active class's trigger on the same
+patterns are rows of one tensor; a step stamps each active class's trigger on its own
 mini-batch of clean images, so one forward/backward pass of `active x batch` images serves
 them all. `slots` classes are active at a time (sized to the device's fastest batch); a class
 that has converged leaves and the next waiting class takes its slot.
+
+Each class draws its mini-batches from a random stream of its own, derived from (seed, class)
+(`class_streams`): which classes share its steps then changes nothing it computes, so the
+restored triggers, and the verdict, do not depend on the slots the device probe chose (nor on
+whether the cascade restores the class alone). With one shared batch per step they did: the
+same model, seed and settings, scanned twice, got slots 4 and 8 from the probe on a busy host
+and flagged [6, 8] and [8] (`fm-clean-res-s1`).
 
 Parametrisation (Neural Cleanse): mask = tanh(m) / (2 - eps) + 0.5 (one channel, broadcast over
 colour), pattern = tanh(p) / (2 - eps) + 0.5, both in [0, 1]; x' = (1 - mask) * x + mask * pattern.
@@ -33,10 +40,13 @@ active set (`_ActiveAdam`). Each step makes one device-to-host transfer (attack 
 the finiteness check).
 
 Precision (`precision`, default auto): the model may compute in bfloat16 autocast while the
-trigger parameters, stamping, losses and Adam stay float32. The start-of-scan probe measures
-both and takes bfloat16 only where it is `BF16_MIN_GAIN` times faster (CPUs with AMX, GPUs from
-Ampere on); the attack success reported for each restored trigger is measured in float32. The
-choice is in each result's notes ("precision").
+trigger parameters, stamping, losses and Adam stay float32. "auto" takes bfloat16 where the
+device has bfloat16 arithmetic (`bf16_native`: CPUs with AVX512-BF16 or AMX, GPUs from Ampere
+on) and float32 elsewhere; the attack success reported for each restored trigger is measured in
+float32. The choice is in each result's notes ("precision"). It used to be timed at the start of
+each scan (bfloat16 when 1.3x faster), but on a shared host the timing went either way from one
+scan to the next, and with it the restored triggers: `fm-clean-cnn-s0` was flagged [8] in float32
+and passed in bfloat16, same seed and settings. A device now always restores in one precision.
 """
 
 from __future__ import annotations
@@ -56,7 +66,7 @@ from scanner.errors import TrojanScanError
 
 EPSILON = 1e-7
 # extra_terms(x, y, mask, pattern, targets) -> (inputs (B',C,H,W), loss_of): a detector's
-# fixed-weight terms; x (B,C,H,W) is the step's clean batch and y its true labels. Their images
+# fixed-weight terms; x (A,B,C,H,W) is each active class's clean batch and y (A,B) their true labels. Their images
 # ride in the stamped batch's forward pass, and loss_of(their logits) gives the per-class loss (A,).
 ExtraTerms = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
@@ -78,7 +88,7 @@ class RestorationSettings(DetectorSettings):
     slots: int = Field(0, ge=0, le=1000, description="classes optimised together; 0 = sized to the device")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="the model's arithmetic while optimising (restoration and pruning): auto takes "
-        "bfloat16 where the start-of-scan probe finds it BF16_MIN_GAIN times faster than float32")
+        "bfloat16 where the device has bfloat16 arithmetic (bf16_native), float32 elsewhere")
     min_images_per_class: int = Field(0, ge=0, description="refuse data with fewer clean images of a class")
 
 
@@ -107,10 +117,23 @@ def from_unit(value: torch.Tensor) -> torch.Tensor:
 
 
 def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
-    """Eq. (1) of TABOR / Neural Cleanse for A classes at once:
-    x (B,C,H,W), mask (A,1,H,W), pattern (A,C,H,W) -> (A*B, C, H, W)."""
-    stamped = (1 - mask[:, None]) * x[None] + (mask * pattern)[:, None]
-    return stamped.reshape(-1, *x.shape[1:])
+    """Eq. (1) of TABOR / Neural Cleanse for A classes at once: mask (A,1,H,W), pattern (A,C,H,W),
+    x either one batch for every class (B,C,H,W) or a batch per class (A,B,C,H,W) -> (A*B, C, H, W)."""
+    per_class = x if x.ndim == 5 else x[None]
+    stamped = (1 - mask[:, None]) * per_class + (mask * pattern)[:, None]
+    return stamped.reshape(-1, *x.shape[-3:])
+
+
+def class_streams(seed: int, classes: list[int]) -> dict[int, torch.Generator]:
+    """A random stream per class, seeded from (seed, class) alone, for the images its trigger is
+    optimised on: what one class computes does not depend on the classes that share its steps."""
+    return {k: torch.Generator().manual_seed(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]))
+            for k in classes}
+
+
+def class_batches(streams: dict[int, torch.Generator], classes: list[int], count: int, batch_size: int) -> torch.Tensor:
+    """Indices of each class's next mini-batch, (len(classes), batch_size), each from its own stream."""
+    return torch.stack([torch.randint(0, count, (batch_size,), generator=streams[k]) for k in classes])
 
 
 def logits_of(model: torch.nn.Module, inputs: torch.Tensor, bf16: bool = False) -> torch.Tensor:
@@ -246,6 +269,7 @@ def restore_triggers(
     pattern_table = (torch.rand((k_all, c, h, w), generator=generator) * 2 - 1).to(device)
     best_mask = to_unit(mask_table).clone()
     best_pattern = to_unit(pattern_table).clone()
+    streams = class_streams(seed, classes)
     mask_rows, pattern_rows = _ActiveAdam(settings.lr), _ActiveAdam(settings.lr)
     schedule = _Schedule(k_all, settings)
     steps = np.zeros(k_all, int)
@@ -271,8 +295,8 @@ def restore_triggers(
             rows = torch.tensor(active, device=device)
             targets = rows.repeat_interleave(settings.batch_size)
             regroup = False
-        picked = torch.randint(0, n, (settings.batch_size,), generator=generator).to(device)
-        batch = images[picked]
+        picked = class_batches(streams, active, n, settings.batch_size).to(device)
+        batch = images[picked]  # (A, B, C, H, W): each class its own images
         mask, pattern = to_unit(m_param), to_unit(p_param)
         stamped = stamp(batch, mask, pattern)
         extra_inputs, extra_loss_of = (extra_terms(batch, labels[picked], mask, pattern, rows)
@@ -404,13 +428,16 @@ def near_fastest_batch(rates: dict[int, float]) -> int:
     return max(size for size, rate in rates.items() if rate >= NEAR_FASTEST * top)
 
 
-BF16_MIN_GAIN = 1.3  # auto precision takes bfloat16 only for a clear gain: it costs precision
-
-
-def bf16_usable(device: torch.device) -> bool:
-    """bfloat16 autocast runs on every CPU (slowly without AMX or AVX512-BF16: the probe decides)
-    and on GPUs that support it (Ampere and newer)."""
-    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+def bf16_native(device: torch.device) -> bool:
+    """Whether the device has bfloat16 arithmetic: a CPU with AVX512-BF16 or AMX instructions
+    (as torch's CPU capability checks report them) or a GPU that supports it (Ampere and newer).
+    Elsewhere bfloat16 autocast is emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
 
 
 def usable_batches(device: torch.device, images_per_class: int, num_classes: int) -> tuple[int, ...]:
@@ -426,44 +453,29 @@ def choose_slots(model: torch.nn.Module, input_shape: tuple[int, int, int], devi
                  precision: str = "fp32", slots: int = 0) -> tuple[int, bool, dict]:
     """How many classes to optimise together, and whether the model computes in bfloat16.
 
-    Slots: the device's batch over images per class. The batch is the largest of the usable ones
-    (`usable_batches`) whose raw rate is within `NEAR_FASTEST` of the fastest: a restoration step
-    also pays per-step costs the probe leaves out (per-class bookkeeping, Adam on the rows), so
-    at a near tie fewer, larger steps win; and on a CPU the rates of 32..512 lie so close that
-    taking the argmax let noise pick one class at a time (seen: TABOR ran with 1 slot, Neural
-    Cleanse with 4, on the same model). `slots` > 0 fixes them (only the precision is probed, at
-    that batch).
+    Precision: "fp32" or "bf16" as given; "auto" is bfloat16 exactly where the device has
+    bfloat16 arithmetic (`bf16_native`), decided without timing so that a device always restores
+    in the same precision (see the module docstring).
 
-    Precision "auto" compares both at the largest usable batch (every class in one step) and
-    takes bfloat16 when it is `BF16_MIN_GAIN` times faster there: on an Intel Xeon with AMX (2
-    cores) a small CNN's forward+backward ran 2-2.7x faster in bfloat16; where the hardware has
-    no bfloat16 units the probe keeps float32. Only the chosen precision is then swept over the
-    batch sizes (sweeping both cost up to 1.5 s of a 10-15 s scan on 2 cores).
+    Slots: the device's batch over images per class. The batch is the largest of the usable ones
+    (`usable_batches`) whose raw rate, in the chosen precision, is within `NEAR_FASTEST` of the
+    fastest: a restoration step also pays per-step costs the probe leaves out (per-class
+    bookkeeping, Adam on the rows), so at a near tie fewer, larger steps win; and on a CPU the
+    rates of 32..512 lie so close that taking the argmax let noise pick one class at a time.
+    `slots` > 0 fixes them, and nothing is timed. Slots change the speed only: each class draws
+    its own images (`class_streams`).
     Returns (slots, bf16, probe notes)."""
-    candidates = (slots * images_per_class,) if slots else usable_batches(device, images_per_class, num_classes)
+    bf16 = {"fp32": False, "bf16": True, "auto": bf16_native(device)}[precision]
+    notes: dict = {"precision": "bf16" if bf16 else "fp32"}
+    if slots:
+        return slots, bf16, notes
+    candidates = usable_batches(device, images_per_class, num_classes)
     if memory_budget_mb is not None:  # at least the smallest, as a restoration needs one step
         candidates = tuple(c for c in candidates if batch_mb(c, input_shape) <= memory_budget_mb) or candidates[:1]
-    options = {"fp32": [False], "bf16": [True], "auto": [False, True] if bf16_usable(device) else [False]}[precision]
-    notes: dict = {}
-    rates: dict[int, float] = {}
-    if len(options) == 2:
-        at = candidates[-1:]
-        compared = {bf16: fastest_batch(model, input_shape, device, candidates=at, bf16=bf16)[1][at[0]]
-                    for bf16 in options}
-        bf16 = compared[True] >= BF16_MIN_GAIN * compared[False]
-        rates[at[0]] = compared[bf16]  # measured already: the sweep skips it
-        notes["precision_probe"] = {"batch": at[0], "fp32_images_per_second": round(compared[False], 1),
-                                    "bf16_images_per_second": round(compared[True], 1)}
-    else:
-        bf16 = options == [True]
-    remaining = tuple(size for size in candidates if size not in rates)
-    if remaining:
-        rates |= fastest_batch(model, input_shape, device, candidates=remaining, bf16=bf16)[1]
-    rates = dict(sorted(rates.items()))
+    rates = dict(sorted(fastest_batch(model, input_shape, device, candidates=candidates, bf16=bf16)[1].items()))
     batch = near_fastest_batch(rates)
-    chosen = slots or max(1, min(num_classes, round(batch / images_per_class)))
+    chosen = max(1, min(num_classes, round(batch / images_per_class)))
     notes |= {"fastest_batch": max(rates, key=rates.get), "chosen_batch": batch,  # type: ignore[arg-type]
-              "precision": "bf16" if bf16 else "fp32",
               "images_per_second": {str(k): round(v, 1) for k, v in rates.items()}}
     return chosen, bf16, notes
 
@@ -471,9 +483,7 @@ def choose_slots(model: torch.nn.Module, input_shape: tuple[int, int, int], devi
 def plan_restoration(model: torch.nn.Module, input_shape: tuple[int, int, int], device: torch.device,
                      settings: RestorationSettings, num_classes: int) -> tuple[int, bool, dict]:
     """Slots and precision for a restoration of `num_classes` classes: as the settings fix them,
-    or probed (`choose_slots`) where they leave them to the device. Returns (slots, bf16, notes)."""
-    if settings.slots and settings.precision != "auto":
-        return settings.slots, settings.precision == "bf16", {"precision": settings.precision}
+    or chosen for the device (`choose_slots`). Returns (slots, bf16, notes)."""
     slots, bf16, probe = choose_slots(model, input_shape, device, settings.batch_size, num_classes,
                                       precision=settings.precision, slots=settings.slots)
-    return slots, bf16, {"device_probe": probe, "precision": probe["precision"]}
+    return slots, bf16, ({"device_probe": probe} if not settings.slots else {}) | {"precision": probe["precision"]}

@@ -42,6 +42,8 @@ from scanner.detectors.restoration import (
     RestorationSettings,
     _ActiveAdam,
     attack_success,
+    class_batches,
+    class_streams,
     from_unit,
     logits_of,
     plan_restoration,
@@ -91,15 +93,19 @@ def tabor_extra_terms(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, patt
                       targets: torch.Tensor, s: TaborSettings) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     """R3 and R4 split for one shared forward pass: the images they judge (the blocked clean
     images (1-M)*x of R3, then the trigger alone M*Delta of R4) and the function that turns
-    those images' logits into R3 + R4 per class (A,)."""
-    few, few_y = x[: s.blocking_images], y[: s.blocking_images]
-    blocked = ((1 - mask)[:, None] * few[None]).reshape(-1, *x.shape[1:]) if s.blocking > 0 else x[:0]
-    overlaid = mask * pattern if s.overlaying > 0 else x[:0]
+    those images' logits into R3 + R4 per class (A,). x is each class's batch (A,B,C,H,W) with
+    labels y (A,B), or one batch (B,C,H,W) for all; R3 takes the first `blocking_images` of each."""
+    if x.ndim == 4:  # one batch for every class
+        x, y = x.expand(len(targets), *x.shape), y.expand(len(targets), *y.shape)
+    few, few_y = x[:, : s.blocking_images], y[:, : s.blocking_images]
+    empty = x[0, :0]
+    blocked = ((1 - mask)[:, None] * few).reshape(-1, *x.shape[2:]) if s.blocking > 0 else empty
+    overlaid = mask * pattern if s.overlaying > 0 else empty
 
     def loss_of(logits: torch.Tensor) -> torch.Tensor:
         total = torch.zeros(len(targets), device=x.device)
         if s.blocking > 0:
-            ce = F.cross_entropy(logits[: len(blocked)], few_y.repeat(len(targets)), reduction="none")
+            ce = F.cross_entropy(logits[: len(blocked)], few_y.reshape(-1), reduction="none")
             total = total + s.blocking * ce.view(len(targets), -1).mean(1)
         if s.overlaying > 0:
             total = total + s.overlaying * F.cross_entropy(logits[len(blocked):], targets, reduction="none")
@@ -130,11 +136,11 @@ def xai_prune_mask(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, masks: 
     mask is M * M-hat: the part of the restored mask the explanation keeps, so eq. (5)'s
     difference ||M||_1 - ||M * M-hat||_1 is never negative.
     `classes[i]` is the class row i was restored for (default: row i is class i; the cascade
-    passes a subset). `bf16`: the model computes in bfloat16 autocast, as in the restoration.
+    passes a subset). Each class draws its images from its own stream (`class_streams`), so the
+    chunking by `slots` changes nothing a class computes. `bf16`: the model computes in bfloat16 autocast, as in the restoration.
     Returns (refined masks (K,H,W), attack success of each kept M-hat).
     """
     k_all, h, w = masks.shape
-    generator = torch.Generator().manual_seed(seed + 1)
     images = torch.from_numpy(x).to(device)
     m_fixed = torch.from_numpy(masks)[:, None].to(device)
     p_fixed = torch.from_numpy(patterns).to(device)
@@ -148,6 +154,7 @@ def xai_prune_mask(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, masks: 
     if len(row_class) != k_all:
         raise TrojanScanError(f"tabor: {k_all} masks but {len(row_class)} classes to prune them for")
     classes = list(range(k_all))  # rows; row_class maps them to the target classes
+    streams = class_streams(seed + 1, row_class.tolist())  # images per class, whatever the chunks
     for chunk_start in range(0, k_all, slots):
         chunk = classes[chunk_start:chunk_start + slots]
         rows = torch.tensor(chunk, device=device)
@@ -155,10 +162,10 @@ def xai_prune_mask(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, masks: 
         param = adam.regroup([], table[rows])
         targets = row_class[rows].repeat_interleave(s.batch_size)
         for step in range(1, s.prune_steps + 1):
-            batch = images[torch.randint(0, len(images), (s.batch_size,), generator=generator).to(device)]
+            batch = images[class_batches(streams, row_class[rows].tolist(), len(images), s.batch_size).to(device)]
             m_hat = to_unit(param)
-            bad = stamp(batch, m_fixed[rows], p_fixed[rows]).view(len(chunk), s.batch_size, *batch.shape[1:])
-            pruned = (bad * m_hat[:, None]).reshape(-1, *batch.shape[1:])
+            bad = stamp(batch, m_fixed[rows], p_fixed[rows]).view(len(chunk), s.batch_size, *batch.shape[2:])
+            pruned = (bad * m_hat[:, None]).reshape(-1, *batch.shape[2:])
             logits = logits_of(model, pruned, bf16)
             ce = F.cross_entropy(logits, targets, reduction="none").view(len(chunk), -1).mean(1)
             lam_t = torch.tensor(lam[chunk], dtype=ce.dtype, device=device)
