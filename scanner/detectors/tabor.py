@@ -137,7 +137,8 @@ def xai_prune_mask(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, masks: 
     difference ||M||_1 - ||M * M-hat||_1 is never negative.
     `classes[i]` is the class row i was restored for (default: row i is class i; the cascade
     passes a subset). Each class draws its images from its own stream (`class_streams`), so the
-    chunking by `slots` changes nothing a class computes. `bf16`: the model computes in bfloat16 autocast, as in the restoration.
+    chunking by `slots` changes nothing a class computes. `bf16`: the model computes in bfloat16
+    autocast, as in the restoration.
     Returns (refined masks (K,H,W), attack success of each kept M-hat).
     """
     k_all, h, w = masks.shape
@@ -161,8 +162,9 @@ def xai_prune_mask(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, masks: 
         adam = _ActiveAdam(lr=0.1)
         param = adam.regroup([], table[rows])
         targets = row_class[rows].repeat_interleave(s.batch_size)
+        chunk_classes = row_class[rows].tolist()  # once per chunk: on a GPU each .tolist() syncs
         for step in range(1, s.prune_steps + 1):
-            batch = images[class_batches(streams, row_class[rows].tolist(), len(images), s.batch_size).to(device)]
+            batch = images[class_batches(streams, chunk_classes, len(images), s.batch_size).to(device)]
             m_hat = to_unit(param)
             bad = stamp(batch, m_fixed[rows], p_fixed[rows]).view(len(chunk), s.batch_size, *batch.shape[2:])
             pruned = (bad * m_hat[:, None]).reshape(-1, *batch.shape[2:])
