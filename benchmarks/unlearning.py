@@ -1,7 +1,7 @@
 """Patching (unlearning) over the trojaned zoo models: CA and ASR before and after, true trigger.
 
     python benchmarks/unlearning.py [--zoo zoo/fashion-mnist] [--models ID,...] [--restore-only]
-                                    [--epochs N --share S --lr LR --finetune-images N] [--jobs N] [--name unlearning]
+                                    [--epochs N --share S --lr LR --validation V --finetune-images N] [--jobs N] [--name unlearning]
 
 For every trojaned model of the zoo:
 
@@ -164,6 +164,7 @@ def patch_row(zoo: Path, entry: dict, data, finetune: CleanData, settings: Unlea
         "flagged_classes": json.loads(result_path.read_text())["flagged_classes"], "patched_with": how,
         "triggers": [t.source for t in outcome.triggers],
         "rounds": outcome.rounds,
+        "finetune_images": outcome.finetune_images, "validation_images": outcome.validation_images,
         "ca_before": before.clean_accuracy, "ca_after": after.clean_accuracy,
         "asr_before": before.max_asr_true, "asr_after": after.max_asr_true,
         "ca_drop": before.clean_accuracy - after.clean_accuracy,
@@ -196,6 +197,8 @@ def main() -> int:
     parser.add_argument("--restore-only", action="store_true", help="only run (and cache) the TABOR restorations")
     defaults = UnlearnSettings()
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--validation", type=float, default=defaults.validation,
+                        help="share of the fine-tune images kept to pick each round's epoch (0: the last epoch)")
     parser.add_argument("--share", type=float, default=defaults.share)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -220,8 +223,8 @@ def main() -> int:
         for entry in trojans:
             restore(args.zoo, entry)
         return 0
-    settings = UnlearnSettings(epochs=args.epochs, share=args.share, lr=args.lr, seed=args.seed, rounds=args.rounds,
-                               reround_attack_success=tuple(float(v) for v in args.reround_asr.split(",")))
+    settings = UnlearnSettings(epochs=args.epochs, share=args.share, lr=args.lr, validation=args.validation,
+                               seed=args.seed, rounds=args.rounds, reround_attack_success=tuple(float(v) for v in args.reround_asr.split(",")))
     data = load_zoo_data(manifest["dataset"], manifest["size"])
     finetune = finetune_set(data.train, args.finetune_images, args.seed)
     references = {}
@@ -268,7 +271,8 @@ def main() -> int:
           pct(r["no_trigger_to_target_clean_reference"]), pct(r["asr_restored_after"]), f"{r['seconds']:.0f}"]
          for r in rows])
     table += (f"\n\nAll figures in %, true trigger(s), measured on {len(data.evaluation)} held-out test images; "
-              f"fine-tuned on {len(finetune)} clean training images with {settings.model_dump()}.\n\n"
+              f"fine-tuned on {rows[0]['finetune_images']} of {len(finetune)} clean training images "
+              f"({rows[0]['validation_images']} kept to pick each round's epoch) with {settings.model_dump()}.\n\n"
               f"Summary: max ASR after {pct(summary['max_asr_after'])}% (target <= {pct(ASR_TARGET)}), "
               f"{summary['asr_target_met']}/{len(rows)} models meet it; max CA drop {pct(summary['max_ca_drop'])} "
               f"points (target <= {pct(CA_DROP_TARGET)}), {summary['ca_target_met']}/{len(rows)} meet it.\n\n"

@@ -454,6 +454,8 @@ def unlearn(
     lr: float = typer.Option(None, help="Adam learning rate"),
     rounds: int = typer.Option(None, help="patch rounds: later rounds restore the targets' triggers again on the "
                                           "patched model and unlearn those that still work"),
+    validation: float = typer.Option(None, help="share of the fine-tune images kept to pick each round's epoch, "
+                                                "used when it comes to 1000 images or more; 0 keeps the last epoch"),
     seed: int = typer.Option(0, help="seed of the split, the stamping and the batches"),
     json_path: Path = typer.Option(None, "--json", help="write the before/after metrics here"),
 ) -> None:
@@ -461,7 +463,7 @@ def unlearn(
     from scanner.unlearning import UnlearnSettings, unlearn_files
 
     try:
-        given = {"epochs": epochs, "share": share, "lr": lr, "rounds": rounds}
+        given = {"epochs": epochs, "share": share, "lr": lr, "rounds": rounds, "validation": validation}
         settings = UnlearnSettings(seed=seed, **{k: v for k, v in given.items() if v is not None})
     except ValueError as error:
         usage(" ".join(str(error).split())[:200])
@@ -473,7 +475,9 @@ def unlearn(
     console.print(f"patched {model} -> {out} ({outcome.output['format']}); triggers: "
                   + ", ".join(t.source for t in outcome.triggers), highlight=False)
     console.print(f"measured on {outcome.measured_images} images ({outcome.measured_on}); "
-                  f"fine-tuned on {outcome.finetune_images}", highlight=False)
+                  f"fine-tuned on {outcome.finetune_images}"
+                  + (f", {outcome.validation_images} picking the epochs" if outcome.validation_images else ""),
+                  highlight=False)
     console.print(f"  CA  {before.clean_accuracy:.4f} -> {after.clean_accuracy:.4f}", highlight=False)
     console.print(f"  ASR {before.max_asr_restored:.4f} -> {after.max_asr_restored:.4f} (restored trigger, worst)",
                   highlight=False)

@@ -29,11 +29,13 @@ from scanner.unlearning import (
     TrueTrigger,
     UnlearnSettings,
     export_patched,
+    fine_tune,
     load_restored_triggers,
     restore_again,
     split_held_out,
     unlearn,
     unlearn_files,
+    validation_error,
 )
 
 RESTORE_STEPS = 200  # a short TABOR restoration of the target class: ~4 s on one core
@@ -171,13 +173,51 @@ def test_two_rounds_report_the_second_and_measure_every_trigger_used(smoke):
     loaded = load_model(zoo / trojan["files"]["onnx"]["path"], check_data=train.x[:8])
     outcome = unlearn(loaded.module, train, triggers, SETTINGS.model_copy(update={"rounds": 2}),
                       evaluation=evaluation, true_triggers=true_triggers(trojan))
+    restorations = [r for r in outcome.rounds if "attack_success_required" in r]
     # round 2 restores once per required attack success (0.99, then 0.5)
-    assert [(r["round"], r["attack_success_required"]) for r in outcome.rounds] == [(2, 0.99), (2, 0.5)]
-    kept = sum(c["kept"] for r in outcome.rounds for c in r["classes"].values())
+    assert [(r["round"], r["attack_success_required"]) for r in restorations] == [(2, 0.99), (2, 0.5)]
+    kept = sum(c["kept"] for r in restorations for c in r["classes"].values())
+    fine_tunes = [r for r in outcome.rounds if "epoch_kept" in r]
+    assert [r["round"] for r in fine_tunes] == ([1, 2] if kept else [1])
+    # 1500 images: 10% is under the 1000 validation images needed, so no validation, last epoch kept
+    assert outcome.validation_images == 0 and all(r["epoch_kept"] == 3 for r in fine_tunes)
     assert len(outcome.triggers) == len(triggers) + kept
     assert len(outcome.before.asr_restored) == len(outcome.after.asr_restored) == len(outcome.triggers)
     assert outcome.after.max_asr_true <= 0.1 and outcome.after.clean_accuracy >= outcome.before.clean_accuracy - 0.02
     assert outcome.to_json()["rounds"] == outcome.rounds
+
+
+def test_validation_keeps_the_weights_of_the_epoch_with_the_lowest_error(smoke):
+    """Each epoch is judged on the validation images ((1 - CA) + worst restored-trigger ASR); the
+    weights returned are those of the best epoch, which a run stopped at that epoch reproduces."""
+    zoo, trojan, result_json, test = smoke
+    fit, validation = test.subset(slice(0, 1500)), test.subset(slice(1500, 2000))
+    triggers, _ = load_restored_triggers(result_json)
+    module = load_model(zoo / trojan["files"]["onnx"]["path"], check_data=fit.x[:8]).module
+    settings = SETTINGS.model_copy(update={"epochs": 4})
+    chosen, report = fine_tune(module, fit, triggers, settings, validation)
+    errors = report["validation_error"]
+    assert len(errors) == 4 and errors[report["epoch_kept"] - 1] == min(errors)
+    assert all(e > min(errors) for e in errors[report["epoch_kept"]:])  # the later epoch wins a tie
+    assert validation_error(chosen, validation, triggers) == pytest.approx(min(errors), abs=1e-5)
+    stopped, _ = fine_tune(module, fit, triggers, settings.model_copy(update={"epochs": report["epoch_kept"]}))
+    for a, b in zip(chosen.parameters(), stopped.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_unlearn_sets_validation_images_apart_only_when_there_are_enough(smoke):
+    zoo, trojan, result_json, test = smoke
+    data, evaluation = test.subset(slice(0, 1500)), test.subset(slice(1500, 2000))
+    triggers, _ = load_restored_triggers(result_json)
+    module = load_model(zoo / trojan["files"]["onnx"]["path"], check_data=data.x[:8]).module
+    settings = SETTINGS.model_copy(update={"epochs": 2, "rounds": 1, "validation": 0.2, "validation_min_images": 300})
+    outcome = unlearn(module, data, triggers, settings, evaluation=evaluation)
+    expected = sum(round(0.2 * count) for count in np.bincount(data.y))  # per class, as split_held_out
+    assert outcome.validation_images == expected and outcome.finetune_images == 1500 - expected
+    assert len(outcome.rounds[0]["validation_error"]) == 2
+    fewer = unlearn(module, data, triggers, settings.model_copy(update={"validation_min_images": 301}),
+                    evaluation=evaluation)
+    assert fewer.validation_images == 0 and fewer.finetune_images == 1500 and fewer.rounds[0]["epoch_kept"] == 2
 
 
 def test_held_out_split_is_disjoint_and_per_class(smoke):
@@ -202,6 +242,7 @@ def test_cli_patches_and_prints_before_and_after(smoke, tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     held = sum(round(0.2 * count) for count in np.bincount(test.y[:2500]))  # 20% of each class held out
     assert metrics["measured_images"] == held and metrics["finetune_images"] == 2500 - held
+    assert metrics["validation_images"] == 0  # 10% of 2000 is under the 1000 needed
     assert metrics["before"]["max_asr_restored"] >= 0.9 and metrics["after"]["max_asr_restored"] <= 0.1
     assert metrics["settings"]["epochs"] == 3 and metrics["output"]["format"] == "onnx"
     assert load_model(tmp_path / "patched.onnx", check_data=test.x[:8]).format == "onnx"
@@ -231,6 +272,9 @@ def test_cli_refuses_bad_inputs_with_exit_2(smoke, tmp_path):
     usage = run_cli("unlearn", model, "--data", str(good_data), "--result", str(result_json), "--out",
                     str(tmp_path / "u.onnx"), "--share", "1.5")
     assert usage.returncode == 4 and one_line(usage.stderr).startswith("trojanscan: usage:")
+    bad_validation = run_cli("unlearn", model, "--data", str(good_data), "--result", str(result_json), "--out",
+                             str(tmp_path / "v.onnx"), "--validation", "1.5")
+    assert bad_validation.returncode == 4 and "validation" in one_line(bad_validation.stderr)
     missing_option = run_cli("unlearn", model, "--data", str(good_data), "--result", str(result_json))
     assert missing_option.returncode == 4
 
