@@ -22,12 +22,13 @@ Choices, all in `UnlearnSettings` unless said otherwise:
   20 of 20 (19), CA up on all 20; 12 epochs was worse on the two models tried. It stays 5 because
   users fine-tune on a few hundred clean images: on the demo's 500 (400 fine-tuned, 100
   measured), 8 epochs took CA 0.84 -> 0.80 where 5 took it to 0.87. The rate stays constant.
-  At a constant rate the true-trigger ASR after each epoch of one round wanders (fm-checker4-br, epochs 1-12:
-  1.4-5.5%, up to 3 points from one epoch to the next), so a cosine decay to 0 over each round
-  was tried on four of the hardest models (fm-square3-br, fm-checker4-br, fm-blend-square6-br,
-  fm-multi-one-target; 20000 images, seed 0): CA ended 0.4-0.8 points higher, but the
-  ASR after was higher on all four (2.27 / 2.25 / 2.56 / 7.83% against 1.71 / 1.48 / 1.72 / 5.30%),
-  and fm-multi-one-target stopped after one round, its second trigger not restored again.
+  At a constant rate the true-trigger ASR after each epoch of one round wanders
+  (fm-checker4-br, epochs 1-12: 1.4-5.5%, up to 3 points from one epoch to the next), so a
+  cosine decay to 0 over each round was tried on four of the hardest models (fm-square3-br,
+  fm-checker4-br, fm-blend-square6-br, fm-multi-one-target; 20000 images, seed 0): CA ended
+  0.4-0.8 points higher, but the ASR after was higher on all four (2.27 / 2.25 / 2.56 / 7.83%
+  against 1.71 / 1.48 / 1.72 / 5.30%), and fm-multi-one-target stopped after one round, its
+  second trigger not restored again.
 - **Epoch selection** (`validation`, `validation_min_images`; our addition): at a constant rate
   the ASR wanders from epoch to epoch (above), and the restored trigger's ASR on images the
   fine-tune does not see wanders with the true trigger's (fm-checker4-br, epochs 1-12: restored
