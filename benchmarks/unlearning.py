@@ -224,7 +224,8 @@ def main() -> int:
             restore(args.zoo, entry)
         return 0
     settings = UnlearnSettings(epochs=args.epochs, share=args.share, lr=args.lr, validation=args.validation,
-                               seed=args.seed, rounds=args.rounds, reround_attack_success=tuple(float(v) for v in args.reround_asr.split(",")))
+                               seed=args.seed, rounds=args.rounds,
+                               reround_attack_success=tuple(float(v) for v in args.reround_asr.split(",")))
     data = load_zoo_data(manifest["dataset"], manifest["size"])
     finetune = finetune_set(data.train, args.finetune_images, args.seed)
     references = {}

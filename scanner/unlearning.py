@@ -198,7 +198,8 @@ class UnlearnResult:
     validation_images: int
     measured_on: str  # "evaluation set" or "held-out share of the clean data"
     seconds: float
-    rounds: list[dict[str, Any]] = field(default_factory=list)  # per extra round: what was restored again
+    # per round: its fine-tune (epoch kept, validation errors); from round 2 also what was restored again
+    rounds: list[dict[str, Any]] = field(default_factory=list)
     output: dict[str, Any] = field(default_factory=dict)  # path, format, sha256, export check
 
     def to_json(self) -> dict[str, Any]:
@@ -358,8 +359,8 @@ def fine_tune(module: nn.Module, data: CleanData, triggers: list[PatchTrigger], 
     patterns = torch.from_numpy(np.stack([t.pattern for t in triggers]))  # (T, C, H, W)
     x_all, y_all = torch.from_numpy(data.x), torch.from_numpy(data.y)
     errors: list[float] = []
-    kept: list[torch.Tensor] = []
-    for _ in range(settings.epochs):
+    best_epoch, best_weights = settings.epochs, None
+    for epoch in range(1, settings.epochs + 1):
         order = torch.randperm(len(x_all), generator=generator)
         stamped = torch.rand(len(x_all), generator=generator) < settings.share
         which = torch.randint(0, len(triggers), (len(x_all),), generator=generator)
@@ -382,17 +383,16 @@ def fine_tune(module: nn.Module, data: CleanData, triggers: list[PatchTrigger], 
             with torch.no_grad():
                 errors.append(validation_error(patched, validation, triggers))
                 if errors[-1] <= min(errors):
-                    kept = [p.detach().clone() for p in params]
+                    best_epoch, best_weights = epoch, [p.detach().clone() for p in params]
     for p in params:
         p.requires_grad_(False)
-    chosen = len(errors) - 1 - int(np.argmin(errors[::-1])) if errors else settings.epochs - 1
-    if kept:
+    if best_epoch < settings.epochs:  # an earlier epoch was better: its weights come back
         with torch.no_grad():
-            for p, value in zip(params, kept):
+            for p, value in zip(params, best_weights):
                 p.copy_(value)
     if all(torch.equal(p, s) for p, s in zip(params, start)):
         raise TrojanScanError("fine-tuning changed no weight: the model's parameters do not train")
-    return patched, {"epoch_kept": chosen + 1, "validation_error": [round(e, 5) for e in errors]}
+    return patched, {"epoch_kept": best_epoch, "validation_error": [round(e, 5) for e in errors]}
 
 
 def unlearn(module: nn.Module, data: CleanData, triggers: list[PatchTrigger],
