@@ -51,7 +51,10 @@ Choices, all in `UnlearnSettings` unless said otherwise:
   `reround_attack_success` (default 0.99, then 0.5); every newly restored trigger that reaches it
   with a mask L1 at most `REROUND_MASK_GROWTH` times the largest mask of its class the patch
   started with joins the set (a bigger "trigger" is the class's own features, and unlearning
-  those would cost accuracy; triggers kept in earlier rounds do not raise the limit), and the
+  those would cost accuracy; triggers kept in earlier rounds do not raise the limit; 4 times
+  was tried, whole zoo, seed 0, benchmarks/results/unlearning_growth4.md: fm-multi-one-target
+  5.66 -> 4.76%, but fm-checker4-br 1.46 -> 2.52% and fm-checker8-bl 1.21 -> 2.35%, 16 of 20
+  under 2% against 18, mean 1.29 against 1.30%), and the
   model is fine-tuned again, from where the last round left it, on the whole set. A round that
   keeps no new trigger ends the rounds. Why two restorations: after a fine-tune the remaining
   backdoor is weakened (the second trigger of `fm-multi-one-target` still sent 21% of images to

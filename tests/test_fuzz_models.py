@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from tests.pt2_program import first_dict_with
+
 SEED = 8  # the issue number: any fixed value keeps the files the same from run to run
 FILE_SECONDS = 20.0  # watchdog per file (a normal one takes well under a second)
 MEMORY_HEADROOM = 3 * 1024**3  # address space a worker may add to what it needed warm
@@ -680,7 +682,7 @@ def pt2_json(base: Base, rng: random.Random, folder: Path) -> tuple[bytes, str]:
                                          "tensor_0", "weight_\x00"])
         target_json, target_at = config, config_at
     elif choice == "expr":
-        holder = _first_with(program, "expr_str")
+        holder = first_dict_with(program, "expr_str")
         holder["expr_str"] = rng.choice([
             "2**2**2**2**2**99", "9**9**9**9", "PowByNatural(9, 10**18)", "(s77)**(10**12)", "FloatPow(2.0, 1e308)",
             "s77" + "+s77" * 3000, "(" * 5000 + "s77" + ")" * 5000, "Symbol('s77', positive=True, integer=True)*",
@@ -739,19 +741,6 @@ def _random_slot(value: Any, rng: random.Random) -> tuple[Any, Any]:
             slots.append((item, key))
             stack.append(item[key])
     return slots[rng.randrange(len(slots))]
-
-
-def _first_with(value: Any, key: str) -> dict:
-    stack = [value]
-    while stack:
-        item = stack.pop(0)
-        if isinstance(item, dict):
-            if key in item:
-                return item
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    raise AssertionError(f"no {key}")
 
 
 # --------------------------------------------------------------------------- the cases

@@ -19,6 +19,7 @@ from scanner.export import export_onnx, export_pt2, sha256_file
 from scanner.model_io import LoadedModel, PixelSpaceModel, load_model
 from scanner.models import build_model
 from scanner.pt2_guard import _safe_sympy_expr
+from tests.pt2_program import first_dict_with
 
 SHAPE = (1, 28, 28)
 
@@ -344,19 +345,6 @@ def _edit_program_json(edit: Callable[[dict], None]) -> Callable[[str, bytes], b
     return apply
 
 
-def _first_dict_with(value, key: str) -> dict:
-    stack = [value]
-    while stack:
-        item = stack.pop(0)
-        if isinstance(item, dict):
-            if key in item:
-                return item
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    raise AssertionError(f"no {key} in the program")
-
-
 def _pickled_sample_inputs(marker: Path) -> Callable[[str, bytes], bytes]:
     buffer = io.BytesIO()
     torch.save(MarkerPayload(marker), buffer)
@@ -365,7 +353,7 @@ def _pickled_sample_inputs(marker: Path) -> Callable[[str, bytes], bytes]:
 
 def _sympy_injection(marker: Path) -> Callable[[str, bytes], bytes]:
     def edit(program: dict) -> None:
-        value = _first_dict_with(program, "expr_str")  # the symbolic batch size
+        value = first_dict_with(program, "expr_str")  # the symbolic batch size
         payload = f"exec(\"open({str(marker)!r}, 'w').write('x')\")"
         value["expr_str"] = f"{payload} or {value['expr_str']}"
 
