@@ -50,8 +50,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from tests.pt2_program import first_dict_with
-
 SEED = 8  # the issue number: any fixed value keeps the files the same from run to run
 FILE_SECONDS = 20.0  # watchdog per file (a normal one takes well under a second)
 MEMORY_HEADROOM = 3 * 1024**3  # address space a worker may add to what it needed warm
@@ -648,6 +646,9 @@ JUNK = [2**62, 2**64, -1, 0, 10**30, 1.5e308, "x", "", None, [], {}, True, "@@DE
 
 def pt2_json(base: Base, rng: random.Random, folder: Path) -> tuple[bytes, str]:
     """Changes to the exported program and the weight configuration, read as JSON."""
+    # here, not at the top: the worker half runs this file as a script, before `tests` is importable
+    from tests.pt2_program import first_dict_with
+
     members = list(base.pt2_members)
     index = {name.split("/", 1)[1]: i for i, (name, _) in enumerate(members)}
     program_at = index["models/model.json"]
