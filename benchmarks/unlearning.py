@@ -200,6 +200,8 @@ def main() -> int:
     parser.add_argument("--validation", type=float, default=defaults.validation,
                         help="share of the fine-tune images kept to pick each round's epoch (0: the last epoch)")
     parser.add_argument("--share", type=float, default=defaults.share)
+    parser.add_argument("--noise-patches", type=float, default=defaults.noise_patches,
+                        help="share of fine-tune images given a uniform-noise patch (see UnlearnSettings)")
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--rounds", type=int, default=defaults.rounds, help="patch rounds (see UnlearnSettings)")
@@ -223,7 +225,8 @@ def main() -> int:
         for entry in trojans:
             restore(args.zoo, entry)
         return 0
-    settings = UnlearnSettings(epochs=args.epochs, share=args.share, lr=args.lr, validation=args.validation,
+    settings = UnlearnSettings(epochs=args.epochs, share=args.share, noise_patches=args.noise_patches, lr=args.lr,
+                               validation=args.validation,
                                seed=args.seed, rounds=args.rounds,
                                reround_attack_success=tuple(float(v) for v in args.reround_asr.split(",")))
     data = load_zoo_data(manifest["dataset"], manifest["size"])

@@ -451,6 +451,8 @@ def unlearn(
     out: Path = typer.Option(..., "--out", help="where to write the patched model (same format as MODEL)"),
     epochs: int = typer.Option(None, help="fine-tune epochs [default: UnlearnSettings']"),
     share: float = typer.Option(None, help="share of fine-tune images stamped with a restored trigger (true labels kept)"),
+    noise_patches: float = typer.Option(None, help="share of fine-tune images given a random patch of uniform noise "
+                                                   "instead (true labels kept)"),
     lr: float = typer.Option(None, help="Adam learning rate"),
     rounds: int = typer.Option(None, help="patch rounds: later rounds restore the targets' triggers again on the "
                                           "patched model and unlearn those that still work"),
@@ -463,7 +465,7 @@ def unlearn(
     from scanner.unlearning import UnlearnSettings, unlearn_files
 
     try:
-        given = {"epochs": epochs, "share": share, "lr": lr, "rounds": rounds, "validation": validation}
+        given = {"epochs": epochs, "share": share, "noise_patches": noise_patches, "lr": lr, "rounds": rounds, "validation": validation}
         settings = UnlearnSettings(seed=seed, **{k: v for k, v in given.items() if v is not None})
     except ValueError as error:
         usage(" ".join(str(error).split())[:200])

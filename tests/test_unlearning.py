@@ -31,6 +31,7 @@ from scanner.unlearning import (
     export_patched,
     fine_tune,
     load_restored_triggers,
+    noise_patched,
     restore_again,
     split_held_out,
     unlearn,
@@ -220,6 +221,22 @@ def test_unlearn_sets_validation_images_apart_only_when_there_are_enough(smoke):
     assert fewer.validation_images == 0 and fewer.finetune_images == 1500 and fewer.rounds[0]["epoch_kept"] == 2
 
 
+def test_noise_patches_cover_one_square_of_each_image_and_nothing_else():
+    x = torch.zeros(200, 3, 32, 24)
+    patched = noise_patched(x, torch.Generator().manual_seed(0))
+    assert torch.equal(x, torch.zeros_like(x))  # the input is left alone
+    sides = []
+    for image in patched:
+        rows, cols = torch.nonzero(image.abs().sum(0) > 0, as_tuple=True)
+        height, width = int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1
+        assert height == width and 2 <= height <= 24 // 4  # a square, side 2 to a quarter of the shorter side
+        assert 0 <= float(image.min()) and float(image.max()) <= 1
+        sides.append(height)
+    assert set(sides) == {2, 3, 4, 5, 6}  # every side is drawn
+    again = noise_patched(x, torch.Generator().manual_seed(0))
+    assert torch.equal(patched, again)  # seeded
+
+
 def test_held_out_split_is_disjoint_and_per_class(smoke):
     *_, test = smoke
     data = test.subset(slice(0, 500))
@@ -275,6 +292,10 @@ def test_cli_refuses_bad_inputs_with_exit_2(smoke, tmp_path):
     bad_validation = run_cli("unlearn", model, "--data", str(good_data), "--result", str(result_json), "--out",
                              str(tmp_path / "v.onnx"), "--validation", "1.5")
     assert bad_validation.returncode == 4 and "validation" in one_line(bad_validation.stderr)
+    no_clean_images_left = run_cli("unlearn", model, "--data", str(good_data), "--result", str(result_json), "--out",
+                                   str(tmp_path / "n.onnx"), "--share", "0.6", "--noise-patches", "0.4")
+    assert no_clean_images_left.returncode == 4 and "noise_patches" in one_line(no_clean_images_left.stderr)
+    assert not (tmp_path / "n.onnx").exists()
     missing_option = run_cli("unlearn", model, "--data", str(good_data), "--result", str(result_json))
     assert missing_option.returncode == 4
 
