@@ -11,6 +11,7 @@ models:
   traffic-signs:               # per registered model: only the fields that differ
     clean_data: /data/signs-clean.npz
     auto_unlearn: true
+    unlearn: {epochs: 8}       # how an infected version is patched (scanner.unlearning.UnlearnSettings)
 ```
 
 `scan_all_models: false` (the default) means only the models listed under `models` are watched;
@@ -29,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from scanner.errors import TrojanScanError
 from scanner.scan import DEFAULT_DETECTORS, ScanSettings
+from scanner.unlearning import UnlearnSettings
 
 
 class PolicyError(TrojanScanError):
@@ -78,6 +80,8 @@ class ModelPolicy(BaseModel):
     normalization: tuple[list[float], list[float]] | None = None
     auto_unlearn: bool = False
     auto_promote_patched: bool = False
+    unlearn: UnlearnSettings = Field(default_factory=UnlearnSettings,
+                                     description="how the unlearn-retrain flow patches an infected version")
     max_ca_drop: float = Field(0.01, ge=0, le=1, description="a patched version losing more CA is never promoted")
     min_images_per_class: int = Field(5, ge=1, description="clean images every class needs (ScanSettings)")
     min_clean_accuracy: float | None = Field(

@@ -37,7 +37,7 @@ class PatchOutcome:
 def patch_version(registry: Registry, policy: Policy, name: str, version: str, workdir: str | Path) -> PatchOutcome:
     """Unlearn the restored triggers of an infected version and register the patched model.
     Raises TrojanScanError (recorded on the source version as `trojanscan.unlearn`) on failure."""
-    from scanner.unlearning import UnlearnSettings, unlearn_files
+    from scanner.unlearning import unlearn_files
 
     outcome = PatchOutcome(name=name, source_version=str(version))
     info = registry.get_version(name, version)
@@ -53,7 +53,7 @@ def patch_version(registry: Registry, policy: Policy, name: str, version: str, w
     data_path, data_reference = registry.resolve_clean_data(info, model_policy.clean_data, folder / "data")
     suffix = ".onnx" if downloaded.flavor == "onnx" else ".pt2"
     patched_file = folder / f"patched{suffix}"
-    result = unlearn_files(downloaded.model_file, data_path, scan_dir / "result.json", patched_file, UnlearnSettings(),
+    result = unlearn_files(downloaded.model_file, data_path, scan_dir / "result.json", patched_file, model_policy.unlearn,
                            normalization=model_policy.normalization)
     ca_drop = result.before.clean_accuracy - result.after.clean_accuracy
     outcome.metrics = {"ca_before": result.before.clean_accuracy, "ca_after": result.after.clean_accuracy,

@@ -13,6 +13,7 @@ import pytest
 
 from scanner.policy import PolicyError, load_policy
 from scanner.registry import ModelReference, Registry, RegistryError
+from scanner.unlearning import UnlearnSettings
 from scanner.webhooks import ReplayGuard, WebhookRejected, sign, verify
 
 POLICY = """\
@@ -27,11 +28,14 @@ models:
 # -- policy ---------------------------------------------------------------------------------------
 def test_policy_defaults_and_overrides(tmp_path: Path) -> None:
     path = tmp_path / "policy.yaml"
-    path.write_text(POLICY + "  staged: {request: {stage: Staging}, target: {stage: Production}, auto_unlearn: true}\n")
+    path.write_text(POLICY + "  staged: {request: {stage: Staging}, target: {stage: Production}, auto_unlearn: true,\n"
+                             "           unlearn: {epochs: 8, noise_patches: 0.2}}\n")
     policy = load_policy(path)
     assert policy.for_model("gate-model").request.alias == "candidate"
     staged = policy.for_model("staged")
     assert staged.request.stage == "Staging" and staged.auto_unlearn and staged.detectors == ("ni",)
+    assert (staged.unlearn.epochs, staged.unlearn.noise_patches, staged.unlearn.share) == (8, 0.2, 0.5)
+    assert policy.for_model("gate-model").unlearn == UnlearnSettings()
     assert policy.for_model("gate-model").settings_hash() == policy.for_model("staged").settings_hash()
     with pytest.raises(PolicyError, match="not in the policy"):
         policy.for_model("someone-else")
@@ -42,6 +46,7 @@ def test_policy_defaults_and_overrides(tmp_path: Path) -> None:
     ("defaults: {request: {alias: a, stage: Staging}}", "exactly one"),
     ("defaults: {request: {alias: x}, target: {alias: x}}", "differ"),
     ("models: {m: {detectors: [ni], colour: red}}", "models.m"),
+    ("models: {m: {unlearn: {share: 0.9, noise_patches: 0.2}}}", "models.m: .*must stay below 1"),
     ("defaults: [1, 2", "not valid YAML"),
     ("- a list", "mapping"),
 ])

@@ -9,6 +9,7 @@ demo."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ defaults:
   auto_unlearn: true
 models:
   patch-promote: {auto_promote_patched: true}
-  patch-wait: {auto_promote_patched: false}
+  patch-wait: {auto_promote_patched: false, unlearn: {validation_min_images: 5000}}  # no effect on 400 images
 """
 
 
@@ -86,5 +87,9 @@ def test_patched_version_is_promoted_only_if_it_rescans_clean(store: dict[str, A
 def test_patched_version_waits_without_auto_promote(store: dict[str, Any]) -> None:
     registry, patched, rescan = _block_and_patch(store, "patch-wait")
     assert not rescan.promoted and registry.alias_version("patch-wait", "champion") is None
+    logged = registry.download_run_artifact(patched.unlearn_run_id, "unlearning.json", store["root"] / "logged")
+    settings = json.loads(Path(logged).read_text())["settings"]  # the policy's unlearn settings were used
+    assert settings == store["policy"].for_model("patch-wait").unlearn.model_dump(mode="json")
+    assert settings["validation_min_images"] == 5000
     if rescan.status == "clean":
         assert any("does not auto-promote" in reason for reason in rescan.reasons)
