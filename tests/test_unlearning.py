@@ -237,6 +237,21 @@ def test_noise_patches_cover_one_square_of_each_image_and_nothing_else():
     assert torch.equal(patched, again)  # seeded
 
 
+def test_fine_tune_uses_noise_patches_when_asked(smoke):
+    """noise_patches reaches the batches: other weights than without it, the same on a rerun."""
+    zoo, trojan, result_json, test = smoke
+    fit = test.subset(slice(0, 600))
+    triggers, _ = load_restored_triggers(result_json)
+    module = load_model(zoo / trojan["files"]["onnx"]["path"], check_data=fit.x[:8]).module
+    settings = SETTINGS.model_copy(update={"epochs": 1})
+    weights = lambda m: [p.detach().clone() for p in m.parameters()]  # noqa: E731
+    plain = weights(fine_tune(module, fit, triggers, settings)[0])
+    noisy = weights(fine_tune(module, fit, triggers, settings.model_copy(update={"noise_patches": 0.3}))[0])
+    again = weights(fine_tune(module, fit, triggers, settings.model_copy(update={"noise_patches": 0.3}))[0])
+    assert any(not torch.equal(a, b) for a, b in zip(plain, noisy))
+    assert all(torch.equal(a, b) for a, b in zip(noisy, again))
+
+
 def test_held_out_split_is_disjoint_and_per_class(smoke):
     *_, test = smoke
     data = test.subset(slice(0, 500))
