@@ -60,6 +60,7 @@ def speed_probe() -> dict[str, float]:
     torch.set_num_threads(1)
     try:
         a = torch.rand(256, 256)
+
         def matmuls() -> float:
             started = time.perf_counter()
             for _ in range(50):

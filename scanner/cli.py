@@ -465,7 +465,8 @@ def unlearn(
     from scanner.unlearning import UnlearnSettings, unlearn_files
 
     try:
-        given = {"epochs": epochs, "share": share, "noise_patches": noise_patches, "lr": lr, "rounds": rounds, "validation": validation}
+        given = {"epochs": epochs, "share": share, "noise_patches": noise_patches, "lr": lr, "rounds": rounds,
+                 "validation": validation}
         settings = UnlearnSettings(seed=seed, **{k: v for k, v in given.items() if v is not None})
     except ValueError as error:
         usage(" ".join(str(error).split())[:200])

@@ -163,7 +163,7 @@ class UnlearnSettings(BaseModel):
                                         "(only when no separate evaluation set is given)")
 
     @model_validator(mode="after")
-    def _shares_fit(self) -> "UnlearnSettings":
+    def _shares_fit(self) -> UnlearnSettings:
         if self.share + self.noise_patches >= 1.0:
             raise ValueError(f"share ({self.share}) + noise_patches ({self.noise_patches}) must stay below 1: "
                              "some fine-tune images have to stay clean")
@@ -370,7 +370,8 @@ def validation_error(module: nn.Module, validation: CleanData, triggers: list[Pa
 def fine_tune(module: nn.Module, data: CleanData, triggers: list[PatchTrigger], settings: UnlearnSettings,
               validation: CleanData | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """A patched copy of `module`: Adam on cross-entropy, `share` of each batch stamped with a
-    restored trigger (drawn per image) and labelled with its true class. The copy stays in eval
+    restored trigger (drawn per image) and `noise_patches` of it with a noise square, every image
+    labelled with its true class. The copy stays in eval
     mode and is returned with frozen weights, with a report of the epochs. With `validation`, the
     weights kept are those of the epoch with the lowest `validation_error` (the later on a tie)."""
     patched = copy.deepcopy(module)
