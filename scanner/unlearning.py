@@ -371,9 +371,9 @@ def fine_tune(module: nn.Module, data: CleanData, triggers: list[PatchTrigger], 
               validation: CleanData | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """A patched copy of `module`: Adam on cross-entropy, `share` of each batch stamped with a
     restored trigger (drawn per image) and `noise_patches` of it with a noise square, every image
-    labelled with its true class. The copy stays in eval
-    mode and is returned with frozen weights, with a report of the epochs. With `validation`, the
-    weights kept are those of the epoch with the lowest `validation_error` (the later on a tie)."""
+    labelled with its true class. The copy stays in eval mode and is returned with frozen
+    weights, with a report of the epochs. With `validation`, the weights kept are those of the
+    epoch with the lowest `validation_error` (the later on a tie)."""
     patched = copy.deepcopy(module)
     params = [p for p in patched.parameters() if p.is_floating_point()]
     if not params:
@@ -397,7 +397,7 @@ def fine_tune(module: nn.Module, data: CleanData, triggers: list[PatchTrigger], 
         for begin in range(0, len(x_all), settings.batch_size):
             idx = order[begin:begin + settings.batch_size]
             x, y = x_all[idx], y_all[idx]
-            chosen = stamped[idx]
+            chosen, noised = stamped[idx], noisy[idx]
             if chosen.any():
                 m, p = masks[which[idx][chosen]], patterns[which[idx][chosen]]
                 if settings.max_shift:
@@ -405,8 +405,8 @@ def fine_tune(module: nn.Module, data: CleanData, triggers: list[PatchTrigger], 
                     m, p = (torch.roll(a, shifts=(int(shift[0]), int(shift[1])), dims=(2, 3)) for a in (m, p))
                 x = x.clone()
                 x[chosen] = (1 - m) * x[chosen] + m * p
-            if noisy[idx].any():  # x is a copy already: indexing with a tensor copies
-                x[noisy[idx]] = noise_patched(x[noisy[idx]], generator)
+            if noised.any():  # x is a copy already: indexing with a tensor copies
+                x[noised] = noise_patched(x[noised], generator)
             optimiser.zero_grad(set_to_none=True)
             loss = F.cross_entropy(patched(x), y)
             loss.backward()
