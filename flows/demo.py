@@ -111,7 +111,8 @@ def run_demo(out: Path, say: Callable[[str], None]) -> dict[str, Any]:
             if patch and patch.get("patched_version"):
                 m, rescan = patch["metrics"], patch["rescan"]
                 say(f"  unlearning: v{outcome.get('version')} patched as v{patch['patched_version']} "
-                    f"(CA {m['ca_before']:.3f} -> {m['ca_after']:.3f}, restored-trigger ASR "
+                    f"(CA {m['ca_before']:.3f} -> {m['ca_after']:.3f}, upper bound of the drop "
+                    f"{m['ca_drop_bound']:+.3f}; restored-trigger ASR "
                     f"{m['asr_restored_before']:.3f} -> {m['asr_restored_after']:.3f}); rescan: {rescan.get('status')}"
                     + (", promoted to @champion" if rescan.get("promoted") else ", not promoted"))
             elif patch:

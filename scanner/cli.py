@@ -481,7 +481,10 @@ def unlearn(
                   f"fine-tuned on {outcome.finetune_images}"
                   + (f", {outcome.validation_images} picking the epochs" if outcome.validation_images else ""),
                   highlight=False)
-    console.print(f"  CA  {before.clean_accuracy:.4f} -> {after.clean_accuracy:.4f}", highlight=False)
+    bound = outcome.ca_drop
+    console.print(f"  CA  {before.clean_accuracy:.4f} -> {after.clean_accuracy:.4f} (drop at most "
+                  f"{bound.upper_bound:+.4f} at {bound.confidence:.0%} confidence: {bound.worse} images worse, "
+                  f"{bound.better} better)", highlight=False)
     console.print(f"  ASR {before.max_asr_restored:.4f} -> {after.max_asr_restored:.4f} (restored trigger, worst)",
                   highlight=False)
     if json_path:

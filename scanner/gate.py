@@ -30,9 +30,9 @@ from typing import Any, Protocol
 from scanner.errors import TrojanScanError
 from scanner.loading_common import _one_line
 from scanner.policy import ModelPolicy, Policy
-from scanner.registry import (ERROR, FLAGGED, GUARD, PATCHED_FROM, REQUESTED_BY, SCAN_RUN_ID,
-                              SCANNED_AT, SETTINGS_HASH, SHA256, STATUS, UNLEARN_RUN_ID, VERDICT, Registry, RegistryUnavailable,
-                              VersionInfo, utc_now)
+from scanner.registry import (CA_DROP, CA_DROP_BOUND, ERROR, FLAGGED, GUARD, PATCHED_FROM, REQUESTED_BY,
+                              SCAN_RUN_ID, SCANNED_AT, SETTINGS_HASH, SHA256, STATUS, UNLEARN_RUN_ID, VERDICT, Registry,
+                              RegistryUnavailable, VersionInfo, utc_now)
 
 CLAIM = "trojanscan.claim"
 ClaimLock = Callable[[str, str], contextlib.AbstractContextManager[Any]]  # (name, version)
@@ -428,9 +428,11 @@ def _gate(registry: Registry, policy: ModelPolicy, outcome: GateOutcome) -> None
         if not policy.auto_promote_patched:
             outcome.reasons.append("not promoted: a patched version, and the policy does not auto-promote those")
             return
-        drop = float(info.tags.get("trojanscan.ca_drop", "inf"))
+        bounded = policy.ca_drop_check == "upper_bound"
+        drop = float(info.tags.get(CA_DROP_BOUND if bounded else CA_DROP, "inf"))  # a missing tag never promotes
         if drop > policy.max_ca_drop:
-            outcome.reasons.append(f"not promoted: CA dropped {drop:.4f} (> {policy.max_ca_drop}) when patched")
+            what = "CA drop's upper bound" if bounded else "CA drop"
+            outcome.reasons.append(f"not promoted: the patch's {what} is {drop:.4f} (> {policy.max_ca_drop})")
             return
     if holds_target(info, policy):
         return  # already promoted (a repeated event): never promote twice

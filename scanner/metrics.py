@@ -1,9 +1,11 @@
 """How well a scan did against ground truth: mask F1 of restored triggers and the TABOR paper's
-correctness symbols (Table I)."""
+correctness symbols (Table I); and how sure a measured drop in clean accuracy is."""
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import asdict, dataclass
+from statistics import NormalDist
+from typing import Any, Literal
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -68,3 +70,42 @@ def correctness(flagged: list[int], targets: list[int], trojaned: bool) -> Corre
     if set(targets) <= flagged_set:
         return "success" if flagged_set == set(targets) else "success_extra"
     return "wrong_class" if flagged_set else "failure"
+
+
+@dataclass(frozen=True)
+class AccuracyDrop:
+    """Clean accuracy lost between two models measured on the same images, with a one-sided upper
+    confidence bound (positive = accuracy lost)."""
+
+    images: int
+    worse: int  # right before, wrong after
+    better: int  # wrong before, right after
+    drop: float  # (worse - better) / images
+    upper_bound: float
+    confidence: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def paired_accuracy_drop(correct_before: np.ndarray, correct_after: np.ndarray, confidence: float) -> AccuracyDrop:
+    """The accuracy drop of two models on the same images and its one-sided `confidence` upper bound.
+
+    The two accuracies are paired (same images), so only the discordant images carry the
+    difference: d = (worse - better) / n. The bound is the Agresti-Min interval for matched
+    proportions (Statistics in Medicine 24, 2005): add 1/2 to each of the four cells of the 2x2
+    table (so n + 2 images), then d' + z * sqrt(((worse' + better') - (worse' - better')^2 / (n + 2)))
+    / (n + 2), z the normal quantile at `confidence`. Chosen over the plain Wald bound, which
+    claims certainty when no image changed (zero variance) however few images were measured."""
+    before, after = np.asarray(correct_before, dtype=bool), np.asarray(correct_after, dtype=bool)
+    if before.shape != after.shape or before.ndim != 1 or not len(before):
+        raise ValueError("paired accuracy needs two equally long, non-empty vectors of per-image correctness")
+    if not 0.5 <= confidence < 1:
+        raise ValueError(f"confidence must be in [0.5, 1), got {confidence}")
+    n = len(before)
+    worse, better = int((before & ~after).sum()), int((~before & after).sum())
+    w, b, total = worse + 0.5, better + 0.5, n + 2
+    variance = max((w + b) - (w - b) ** 2 / total, 0.0) / total**2
+    bound = (w - b) / total + NormalDist().inv_cdf(confidence) * variance**0.5
+    return AccuracyDrop(images=n, worse=worse, better=better, drop=(worse - better) / n,
+                        upper_bound=float(bound), confidence=confidence)

@@ -83,6 +83,9 @@ class ModelPolicy(BaseModel):
     unlearn: UnlearnSettings = Field(default_factory=UnlearnSettings,
                                      description="how the unlearn-retrain flow patches an infected version")
     max_ca_drop: float = Field(0.01, ge=0, le=1, description="a patched version losing more CA is never promoted")
+    ca_drop_check: Literal["estimate", "upper_bound"] = Field(
+        "estimate", description="what max_ca_drop limits: the measured drop, or its upper confidence bound "
+        "(unlearn.ca_drop_confidence, paired on the measured images), which a small clean set widens")
     min_images_per_class: int = Field(5, ge=1, description="clean images every class needs (ScanSettings)")
     min_clean_accuracy: float | None = Field(
         None, ge=0, le=1, description="the model's accuracy its clean data must reach, else the data is taken for "

@@ -51,6 +51,7 @@ STATUS, VERDICT, FLAGGED = TAG + "status", TAG + "verdict", TAG + "flagged_class
 SCAN_RUN_ID, SHA256, SCANNED_AT, ERROR = TAG + "scan_run_id", TAG + "model_sha256", TAG + "scanned_at", TAG + "error"
 SETTINGS_HASH, CLEAN_DATA, GUARD = TAG + "settings_hash", TAG + "clean_data", TAG + "guard"
 PATCHED_FROM, UNLEARN_RUN_ID = TAG + "patched_from", TAG + "unlearn_run_id"
+CA_DROP, CA_DROP_BOUND = TAG + "ca_drop", TAG + "ca_drop_bound"  # a patched version's CA drop, and its upper bound
 REQUESTED_BY = TAG + "requested_by"
 STATUSES = ("pending", "running", "clean", "infected", "error")
 CLEAN_SAMPLES_ARTIFACT = "clean_samples.npz"

@@ -310,6 +310,8 @@ def _unlearning_view(raw: Any) -> dict[str, Any] | None:
             key = "max_asr_true" if before.get("max_asr_true") is not None else "max_asr_restored"
             view["asr_before"], view["asr_after"] = before.get(key), after.get(key)
             view["asr_source"] = "real trigger" if key == "max_asr_true" else "restored triggers"
+    bound = raw.get("ca_drop_bound")  # scanner.metrics.AccuracyDrop: how sure the CA change is
+    view["ca_bound"] = bound if isinstance(bound, dict) and _number(bound.get("upper_bound")) is not None else None
     view["extra"] = {key: value for key, value in raw.items() if key not in flat}
     return view
 

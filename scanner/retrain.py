@@ -4,9 +4,11 @@ The registry side of TABOR's patching (`scanner.unlearning` is the numeric core)
 version's scan run (result JSON + restored masks/patterns), fine-tune the model on the version's
 clean data with those triggers stamped (true labels kept), log an MLflow run with CA and ASR
 before and after, and register the patched model as a new version of the same registered model
-with its lineage (`trojanscan.patched_from`, `trojanscan.unlearn_run_id`, `trojanscan.ca_drop`).
-The new version is then scanned like any other; the gate promotes it only if it scans clean,
-the policy auto-promotes patched versions, and its CA drop is within the policy's limit.
+with its lineage (`trojanscan.patched_from`, `trojanscan.unlearn_run_id`) and its CA drop
+(`trojanscan.ca_drop`, and its upper confidence bound `trojanscan.ca_drop_bound`). The new
+version is then scanned like any other; the gate promotes it only if it scans clean, the policy
+auto-promotes patched versions, and its CA drop (the estimate or the bound, as the policy's
+`ca_drop_check` says) is within the policy's limit.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from typing import Any
 
 from scanner.errors import TrojanScanError
 from scanner.policy import Policy
-from scanner.registry import (PATCHED_FROM, SCAN_RUN_ID, STATUS, UNLEARN_RUN_ID, Registry, VersionInfo, utc_now)
+from scanner.registry import (CA_DROP, CA_DROP_BOUND, PATCHED_FROM, SCAN_RUN_ID, STATUS, UNLEARN_RUN_ID, Registry,
+                              VersionInfo, utc_now)
 
-CA_DROP = "trojanscan.ca_drop"
 UNLEARN_STATUS = "trojanscan.unlearn"
 
 
@@ -55,15 +57,18 @@ def patch_version(registry: Registry, policy: Policy, name: str, version: str, w
     patched_file = folder / f"patched{suffix}"
     result = unlearn_files(downloaded.model_file, data_path, scan_dir / "result.json", patched_file, model_policy.unlearn,
                            normalization=model_policy.normalization)
-    ca_drop = result.before.clean_accuracy - result.after.clean_accuracy
+    ca_drop = result.ca_drop.drop
     outcome.metrics = {"ca_before": result.before.clean_accuracy, "ca_after": result.after.clean_accuracy,
                        "asr_restored_before": result.before.max_asr_restored,
-                       "asr_restored_after": result.after.max_asr_restored, "ca_drop": ca_drop}
+                       "asr_restored_after": result.after.max_asr_restored, "ca_drop": ca_drop,
+                       "ca_drop_bound": result.ca_drop.upper_bound}
     run_id, new_version = _log_and_register(registry, policy.experiment, info, patched_file, data_path, result.to_json(),
                                             outcome.metrics, data_reference)
     outcome.unlearn_run_id, outcome.patched_version = run_id, new_version
     registry.set_tags(name, new_version, {PATCHED_FROM: str(version), UNLEARN_RUN_ID: run_id,
-                                          CA_DROP: f"{max(ca_drop, 0.0):.6f}", STATUS: "pending"})  # status last
+                                          CA_DROP: f"{max(ca_drop, 0.0):.6f}",
+                                          CA_DROP_BOUND: f"{max(result.ca_drop.upper_bound, 0.0):.6f}",
+                                          STATUS: "pending"})  # status last
     registry.set_tags(name, version, {UNLEARN_STATUS: f"{utc_now()} patched as v{new_version} (run {run_id})"})
     return outcome
 

@@ -98,6 +98,12 @@ Choices, all in `UnlearnSettings` unless said otherwise:
   test split) and every given clean image is fine-tuned on; otherwise `held_out` (default 0.2)
   of the clean images of each class is set aside, seeded, and measured on. ASR of a trigger is
   the share of held-out images not of its target class that the model puts in the target class.
+- **How sure the CA drop is** (`ca_drop_confidence`, our addition): the result also gives a
+  one-sided upper confidence bound of the drop, paired on the measured images
+  (`scanner.metrics.paired_accuracy_drop`), because a registry's clean data is often small: on
+  100 held-out images a patch measured at +3 points of CA (3 images worse, 6 better) is, at 95%,
+  only known to lose at most 2.1 points. The gate can be told to judge the bound instead of the
+  estimate (policy `ca_drop_check: upper_bound`).
 - **Pixel space**: triggers are stamped on pixels in [0, 1] (x' = (1 - m) x + m p, as in the
   restoration); a model that expects normalised input keeps its `PixelSpaceModel` wrapper while
   it is fine-tuned, and what is exported is the wrapped model alone, so the patched file takes
@@ -125,6 +131,7 @@ from torch import nn
 from scanner import attacks
 from scanner.data import CleanData
 from scanner.errors import DataError, ModelLoadError, TrojanScanError
+from scanner.metrics import AccuracyDrop, paired_accuracy_drop
 
 REROUND_MASK_GROWTH = 3.0  # see "Rounds" above
 EXPORT_TOLERANCE = 1e-3  # absolute on logits, scaled by max(1, largest |logit|), as the ONNX load check
@@ -157,6 +164,9 @@ class UnlearnSettings(BaseModel):
     validation_min_images: int = Field(1000, ge=1, description="validation only when `validation` of the fine-tune "
                                                                "images comes to this many; with fewer, every image "
                                                                "is fine-tuned on and the last epoch kept")
+    ca_drop_confidence: float = Field(0.95, ge=0.5, lt=1.0,
+                                      description="confidence of the reported upper bound of the CA drop "
+                                                  "(scanner.metrics.paired_accuracy_drop)")
     seed: int = 0
     held_out: float = Field(0.2, gt=0.0, lt=1.0,
                             description="share of each class's clean images kept for measuring "
@@ -196,6 +206,7 @@ class Measurement:
     clean_accuracy: float
     asr_restored: list[float]  # one per PatchTrigger, in order
     asr_true: list[float]  # one per TrueTrigger, in order (empty without ground truth)
+    correct: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, bool))  # per image, for pairing
 
     @property
     def max_asr_restored(self) -> float:
@@ -223,6 +234,7 @@ class UnlearnResult:
     finetune_images: int
     measured_images: int
     validation_images: int
+    ca_drop: AccuracyDrop  # after against before, paired on the measured images
     measured_on: str  # "evaluation set" or "held-out share of the clean data"
     seconds: float
     # per round: its fine-tune (epoch kept, validation errors); from round 2 also what was restored again
@@ -240,7 +252,8 @@ class UnlearnResult:
             "measured_on": self.measured_on,
             "before": self.before.to_json(),
             "after": self.after.to_json(),
-            "ca_drop": self.before.clean_accuracy - self.after.clean_accuracy,
+            "ca_drop": self.ca_drop.drop,
+            "ca_drop_bound": self.ca_drop.to_json(),
             "seconds": round(self.seconds, 3),
             "output": self.output,
         }
@@ -326,7 +339,7 @@ def _predict(module: nn.Module, x: np.ndarray, batch_size: int = 512) -> np.ndar
 def measure(module: nn.Module, data: CleanData, triggers: list[PatchTrigger],
             true_triggers: list[TrueTrigger] | None = None) -> Measurement:
     """CA on `data`, ASR of each restored and each true trigger on its images not of the target."""
-    ca = float((_predict(module, data.x) == data.y).mean())
+    correct = _predict(module, data.x) == data.y
     asr_restored = []
     for t in triggers:
         others = data.x[data.y != t.target]
@@ -335,7 +348,7 @@ def measure(module: nn.Module, data: CleanData, triggers: list[PatchTrigger],
     for index, t in enumerate(true_triggers or []):
         triggered = attacks.triggered_set(data, t.trigger, t.target, seed=index)
         asr_true.append(float((_predict(module, triggered.x) == triggered.y).mean()))
-    return Measurement(ca, asr_restored, asr_true)
+    return Measurement(float(correct.mean()), asr_restored, asr_true, correct)
 
 
 def split_held_out(data: CleanData, share: float, seed: int) -> tuple[CleanData, CleanData]:
@@ -478,6 +491,7 @@ def unlearn(module: nn.Module, data: CleanData, triggers: list[PatchTrigger],
     return UnlearnResult(module=patched, before=before, after=after, settings=settings, triggers=used,
                          finetune_images=len(train), measured_images=len(held), measured_on=measured_on,
                          validation_images=len(validation) if validation is not None else 0,
+                         ca_drop=paired_accuracy_drop(before.correct, after.correct, settings.ca_drop_confidence),
                          rounds=rounds, seconds=time.perf_counter() - started)
 
 

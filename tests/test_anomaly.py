@@ -71,3 +71,24 @@ def test_correctness_symbols():
     assert correctness([], [7], True) == "failure"
     assert correctness([], [], False) == "clean_pass"
     assert correctness([3], [], False) == "false_alarm"
+
+
+def test_paired_accuracy_drop_on_known_counts():
+    """3 images worse and 6 better of 100: d = -0.03; Agresti-Min adds 1/2 to each cell, so
+    d' = (3.5 - 6.5) / 102 and the 95% bound is d' + 1.6449 * sqrt(10 - 9 / 102) / 102 = 0.02136."""
+    from scanner.metrics import paired_accuracy_drop
+
+    before, after = np.ones(100, bool), np.ones(100, bool)
+    after[:3] = False  # right before, wrong after
+    before[3:9] = False  # wrong before, right after
+    drop = paired_accuracy_drop(before, after, 0.95)
+    assert (drop.images, drop.worse, drop.better) == (100, 3, 6)
+    assert drop.drop == pytest.approx(-0.03)
+    assert drop.upper_bound == pytest.approx(0.021358, abs=1e-6)
+    same = paired_accuracy_drop(before, before, 0.95)  # nothing changed: still not a certain zero
+    assert same.drop == 0.0 and same.upper_bound == pytest.approx(1.6449 * (1 / 102), abs=1e-4)
+    assert paired_accuracy_drop(before, after, 0.99).upper_bound > drop.upper_bound
+    with pytest.raises(ValueError, match="equally long"):
+        paired_accuracy_drop(before, after[:50], 0.95)
+    with pytest.raises(ValueError, match="confidence"):
+        paired_accuracy_drop(before, after, 1.0)

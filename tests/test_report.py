@@ -132,6 +132,13 @@ def test_missing_pictures_and_partial_results_still_render(reports, tmp_path):
     unlearning = html[html.index('id="unlearning"'):html.index('id="glossary"')]
     assert "ASR, real trigger" in unlearning and "99.0%" in unlearning and "1.5%" in unlearning
     assert "-1.0 points" in unlearning and "-97.5 points" in unlearning
+    assert 'id="ca-bound"' not in unlearning  # no bound recorded: none shown
+    for bound, words in ((0.0312, "at most 3.1 points lost at 95% confidence (4 of 500 images worse, 1 better)"),
+                         (-0.0071, "at least 0.7 points gained at 95% confidence (4 of 500 images worse, 1 better)")):
+        result["unlearning"]["ca_drop_bound"] = {"images": 500, "worse": 4, "better": 1, "drop": 0.006,
+                                                 "upper_bound": bound, "confidence": 0.95}
+        html = render_report(result, reports["infected_json"].parent)
+        assert words in html[html.index('id="ca-bound"'):]
     html = render_report({"verdict": "something else", "detectors": {"ni": {"anomaly_index": [1.0, None, 3.0]}}}, tmp_path)
     assert '<span class="verdict-word">ERROR</span>' in html and html.count('class="bar') == 2
 

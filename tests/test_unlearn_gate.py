@@ -27,6 +27,7 @@ defaults:
 models:
   patch-promote: {auto_promote_patched: true}
   patch-wait: {auto_promote_patched: false, unlearn: {validation_min_images: 5000}}  # no effect on 400 images
+  patch-bound: {auto_promote_patched: true, ca_drop_check: upper_bound}
 """
 
 
@@ -39,7 +40,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, fm_smoke_zoo: tuple[Path, di
     uri = local_store(root)
     trojan = next(m for m in manifest["models"] if m["trojaned"])
     versions = {name: register_onnx(zoo_dir / trojan["files"]["onnx"]["path"], zoo_dir / "clean_samples.npz", name)
-                for name in ("patch-promote", "patch-wait")}
+                for name in ("patch-promote", "patch-wait", "patch-bound")}
     (root / "policy.yaml").write_text(POLICY)
     return {"uri": uri, "root": root, "versions": versions, "policy": load_policy(root / "policy.yaml")}
 
@@ -57,6 +58,8 @@ def _block_and_patch(store: dict[str, Any], name: str) -> tuple[Registry, Any, A
     assert patched.metrics["asr_restored_after"] < 0.2 <= patched.metrics["asr_restored_before"]
     tags = registry.get_version(name, patched.patched_version).tags
     assert tags["trojanscan.patched_from"] == version and tags["trojanscan.unlearn_run_id"] == patched.unlearn_run_id
+    assert float(tags["trojanscan.ca_drop_bound"]) == pytest.approx(max(patched.metrics["ca_drop_bound"], 0), abs=1e-6)
+    assert patched.metrics["ca_drop_bound"] > patched.metrics["ca_drop"]
     rescan = scan_version(registry, store["policy"], name, patched.patched_version, store["root"] / "work")
     return registry, patched, rescan
 
@@ -75,7 +78,7 @@ def test_patched_version_is_promoted_only_if_it_rescans_clean(store: dict[str, A
     champion = registry.alias_version("patch-promote", "champion")
     assert champion == (patched.patched_version if rescan.promoted else None)
     if rescan.status == "clean" and not ca_ok:  # clean but lost too much accuracy: it waits
-        assert any("CA dropped" in reason for reason in rescan.reasons)
+        assert any("the patch's CA drop is" in reason for reason in rescan.reasons)
     result = json.loads((Path(rescan.result_dir) / "result.json").read_text())
     assert result["unlearning"]["before"]["clean_accuracy"] == pytest.approx(patched.metrics["ca_before"])
     assert result["unlearning"]["patched_from"] == store["versions"]["patch-promote"]
@@ -93,3 +96,30 @@ def test_patched_version_waits_without_auto_promote(store: dict[str, Any]) -> No
     assert settings["validation_min_images"] == 5000
     if rescan.status == "clean":
         assert any("does not auto-promote" in reason for reason in rescan.reasons)
+
+
+def test_patched_version_is_judged_by_its_ca_drop_bound_when_the_policy_says_so(store: dict[str, Any]) -> None:
+    """`ca_drop_check: upper_bound` makes max_ca_drop limit the paired upper bound of the CA drop
+    instead of the estimate: with the limit between the two, the same clean patched version waits
+    under the bound and is promoted under the estimate."""
+    from scanner.gate import scan_version
+
+    registry, patched, _ = _block_and_patch(store, "patch-bound")
+    logged = registry.download_run_artifact(patched.unlearn_run_id, "unlearning.json", store["root"] / "bound")
+    drop = json.loads(Path(logged).read_text())["ca_drop_bound"]
+    assert drop["images"] == 100 and drop["confidence"] == 0.95  # the smoke zoo's held-out 20% of 500
+    assert drop["drop"] == pytest.approx((drop["worse"] - drop["better"]) / 100)
+    version = patched.patched_version
+    # the gate's input: a clean rescan (on the smoke zoo the rescan comes out either way)
+    registry.set_tags("patch-bound", version, {"trojanscan.status": "clean"})
+    limit = (max(drop["drop"], 0.0) + drop["upper_bound"]) / 2
+    reasons = {}
+    for check, promoted in (("upper_bound", False), ("estimate", True)):
+        (store["root"] / f"{check}.yaml").write_text(POLICY.replace(
+            "ca_drop_check: upper_bound", f"ca_drop_check: {check}, max_ca_drop: {limit:.6f}"))
+        outcome = scan_version(registry, load_policy(store["root"] / f"{check}.yaml"), "patch-bound", version,
+                               store["root"] / "work")
+        assert (outcome.status, outcome.scanned, outcome.promoted) == ("clean", False, promoted), outcome.reasons
+        assert registry.alias_version("patch-bound", "champion") == (version if promoted else None)
+        reasons[check] = " ".join(outcome.reasons)
+    assert "CA drop's upper bound is" in reasons["upper_bound"] and "upper bound" not in reasons["estimate"]
