@@ -168,6 +168,7 @@ def patch_row(zoo: Path, entry: dict, data, finetune: CleanData, settings: Unlea
         "ca_before": before.clean_accuracy, "ca_after": after.clean_accuracy,
         "asr_before": before.max_asr_true, "asr_after": after.max_asr_true,
         "ca_drop": before.clean_accuracy - after.clean_accuracy,
+        "ca_drop_upper_bound": outcome.ca_drop.upper_bound,  # paired, at settings.ca_drop_confidence
         "asr_after_per_trigger": after.asr_true,
         "asr_restored_before": before.max_asr_restored, "asr_restored_after": after.max_asr_restored,
         "asr_after_correct_only": parts_after["correct_only"],
@@ -258,6 +259,8 @@ def main() -> int:
         "models": len(rows),
         "asr_target_met": sum(r["asr_after"] <= ASR_TARGET for r in rows),
         "ca_target_met": sum(r["ca_drop"] <= CA_DROP_TARGET for r in rows),
+        "max_ca_drop_upper_bound": max(r["ca_drop_upper_bound"] for r in rows),
+        "ca_target_met_by_upper_bound": sum(r["ca_drop_upper_bound"] <= CA_DROP_TARGET for r in rows),
         "max_asr_after_correct_only": max(r["asr_after_correct_only"] for r in rows),
         "max_asr_clean_reference": max(r["asr_clean_reference"] for r in rows),
         "max_flipped_by_trigger_after": max(r["flipped_by_trigger_after"] for r in rows),
@@ -266,11 +269,11 @@ def main() -> int:
     }
     pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
     table = markdown_table(
-        ["model", "targets", "flagged", "CA before", "CA after", "CA drop", "ASR before", "ASR after",
+        ["model", "targets", "flagged", "CA before", "CA after", "CA drop", "CA drop bound", "ASR before", "ASR after",
          "ASR after (correct only)", "no trigger -> target after", "flipped by trigger after", "clean-model ASR",
          "clean model no trigger -> target", "restored-trigger ASR after", "seconds"],
         [[r["model_id"], r["targets"], r["flagged_classes"], pct(r["ca_before"]), pct(r["ca_after"]),
-          pct(r["ca_drop"]), pct(r["asr_before"]), pct(r["asr_after"]), pct(r["asr_after_correct_only"]),
+          pct(r["ca_drop"]), pct(r["ca_drop_upper_bound"]), pct(r["asr_before"]), pct(r["asr_after"]), pct(r["asr_after_correct_only"]),
           pct(r["no_trigger_to_target_after"]), pct(r["flipped_by_trigger_after"]), pct(r["asr_clean_reference"]),
           pct(r["no_trigger_to_target_clean_reference"]), pct(r["asr_restored_after"]), f"{r['seconds']:.0f}"]
          for r in rows])
@@ -279,7 +282,10 @@ def main() -> int:
               f"({rows[0]['validation_images']} kept to pick each round's epoch) with {settings.model_dump()}.\n\n"
               f"Summary: max ASR after {pct(summary['max_asr_after'])}% (target <= {pct(ASR_TARGET)}), "
               f"{summary['asr_target_met']}/{len(rows)} models meet it; max CA drop {pct(summary['max_ca_drop'])} "
-              f"points (target <= {pct(CA_DROP_TARGET)}), {summary['ca_target_met']}/{len(rows)} meet it.\n\n"
+              f"points (target <= {pct(CA_DROP_TARGET)}), {summary['ca_target_met']}/{len(rows)} meet it; "
+              f"{summary['ca_target_met_by_upper_bound']}/{len(rows)} meet it by the drop's one-sided "
+              f"{settings.ca_drop_confidence:.0%} upper bound ('CA drop bound', paired on the same images; max "
+              f"{pct(summary['max_ca_drop_upper_bound'])}).\n\n"
               f"'no trigger -> target': non-target images put in the target class with no trigger at all (worst "
               f"target); {summary['models_no_trigger_above_asr_target']}/{len(rows)} patched models are above the ASR "
               f"target on that alone. 'flipped by trigger': images the trigger sends to the target that go elsewhere "
