@@ -204,6 +204,8 @@ def main() -> int:
     parser.add_argument("--noise-patches", type=float, default=defaults.noise_patches,
                         help="share of fine-tune images given a uniform-noise patch (see UnlearnSettings)")
     parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--dilate", type=int, default=defaults.dilate,
+                        help="grow the restored masks by this many pixels (see UnlearnSettings)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--rounds", type=int, default=defaults.rounds, help="patch rounds (see UnlearnSettings)")
     parser.add_argument("--reround-asr", default=",".join(f"{v:g}" for v in defaults.reround_attack_success),
@@ -227,7 +229,7 @@ def main() -> int:
             restore(args.zoo, entry)
         return 0
     settings = UnlearnSettings(epochs=args.epochs, share=args.share, noise_patches=args.noise_patches, lr=args.lr,
-                               validation=args.validation,
+                               validation=args.validation, dilate=args.dilate,
                                seed=args.seed, rounds=args.rounds,
                                reround_attack_success=tuple(float(v) for v in args.reround_asr.split(",")))
     data = load_zoo_data(manifest["dataset"], manifest["size"])

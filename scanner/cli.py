@@ -454,6 +454,7 @@ def unlearn(
     noise_patches: float = typer.Option(None, help="share of fine-tune images given a random patch of uniform noise "
                                                    "instead (true labels kept)"),
     lr: float = typer.Option(None, help="Adam learning rate"),
+    dilate: int = typer.Option(None, help="grow the restored triggers' masks by this many pixels before stamping"),
     rounds: int = typer.Option(None, help="patch rounds: later rounds restore the targets' triggers again on the "
                                           "patched model and unlearn those that still work"),
     validation: float = typer.Option(None, help="share of the fine-tune images kept to pick each round's epoch, "
@@ -466,7 +467,7 @@ def unlearn(
 
     try:
         given = {"epochs": epochs, "share": share, "noise_patches": noise_patches, "lr": lr, "rounds": rounds,
-                 "validation": validation}
+                 "validation": validation, "dilate": dilate}
         settings = UnlearnSettings(seed=seed, **{k: v for k, v in given.items() if v is not None})
     except ValueError as error:
         usage(" ".join(str(error).split())[:200])

@@ -88,6 +88,21 @@ Choices, all in `UnlearnSettings` unless said otherwise:
   limit broke once. Also tried on fm-multi-one-target, fm-checker8-bl and fm-res-checker6-tl
   (seed 0; 0.2 uniform gave 4.34 / 1.95 / 1.67%): 0.3 uniform 4.94 / 1.95 / 1.84%; 0.2 with a
   third each of uniform, binary and flat patches 3.78 / 1.11 / 2.43%.
+- **Dilated masks** (`dilate`, our addition, default 0 = off): the restored triggers the patch
+  starts with get their masks grown by `dilate` pixels on every side (`dilated`: each pixel
+  takes the largest mask value within that distance; the pattern is kept), so the stamped
+  trigger also covers the rim the restoration left out. Why: the restoration looks for the
+  smallest trigger that works, and restored masks are smaller than the true triggers (mask F1
+  0.56 on the zoo); fm-multi-one-target's restored trigger is a partial copy of both of its true
+  triggers, and what it leaves out kept firing after the patch (3.99% of the images flipped by
+  the true trigger). Triggers restored again in later rounds are stamped as restored; their size
+  limit is taken from the grown masks. Whole Fashion-MNIST zoo at 1 against off, seed 0
+  (benchmarks/results/unlearning_dilate1.md): 19/20 <= 2% against 18, mean 0.92 against 1.30%,
+  worst 2.45% (fm-res-checker6-tl) against 5.66%, fm-multi-one-target 5.66 -> 2.00%, correct-only
+  20/20 (max 0.90%), flipped by the trigger at most 1.10% against 3.99%, CA within 1 point on
+  20/20 also by the drop's 95% upper bound (max 0.53 points), mean CA after 89.09 against 88.94%.
+  Off by default until a second seed says the same (the seed moved single models by a point
+  before).
 - **Not done: weight averaging.** Keeping each round's mean of the five epochs' end weights
   (stochastic weight averaging) instead of the chosen epoch was tried on fm-multi-one-target,
   fm-checker8-bl and fm-res-checker6-tl (seed 0): true-trigger ASR after 7.40 / 2.98 / 3.59%
@@ -131,6 +146,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy.ndimage import maximum_filter
 from torch import nn
 
 from scanner import attacks
@@ -151,6 +167,8 @@ class UnlearnSettings(BaseModel):
     noise_patches: float = Field(0.0, ge=0.0, lt=1.0,
                                  description="share of fine-tune images given a patch of uniform noise instead, at a "
                                              "random place and size, keeping their label (see \"Noise patches\")")
+    dilate: int = Field(0, ge=0, le=8, description="grow the masks of the restored triggers the patch starts with by "
+                                                   "this many pixels before stamping (see \"Dilated masks\")")
     epochs: int = Field(5, ge=1, le=200, description="passes over the fine-tune images")
     lr: float = Field(1e-3, gt=0.0, le=1.0, description="Adam learning rate")
     batch_size: int = Field(64, ge=2, le=4096)
@@ -469,6 +487,8 @@ def unlearn(module: nn.Module, data: CleanData, triggers: list[PatchTrigger],
     `data` (`settings.held_out` per class)."""
     settings = settings or UnlearnSettings()
     started = time.perf_counter()
+    if settings.dilate:
+        triggers = [dilated(t, settings.dilate) for t in triggers]
     if evaluation is None:
         train, held = split_held_out(data, settings.held_out, settings.seed)
         measured_on = f"held-out share {settings.held_out:g} of the clean data"
@@ -498,6 +518,15 @@ def unlearn(module: nn.Module, data: CleanData, triggers: list[PatchTrigger],
                          validation_images=len(validation) if validation is not None else 0,
                          ca_drop=paired_accuracy_drop(before.correct, after.correct, settings.ca_drop_confidence),
                          rounds=rounds, seconds=time.perf_counter() - started)
+
+
+def dilated(trigger: PatchTrigger, pixels: int) -> PatchTrigger:
+    """`trigger` with its mask grown by `pixels` on every side: each mask pixel takes the largest
+    value within `pixels` of it (a square). The pattern is kept, so the grown rim stamps the
+    pattern's values there."""
+    mask = maximum_filter(trigger.mask, size=2 * pixels + 1, mode="nearest").astype(trigger.mask.dtype)
+    return PatchTrigger(target=trigger.target, mask=mask, pattern=trigger.pattern,
+                        source=f"{trigger.source} (mask dilated {pixels} px)")
 
 
 def restore_again(module: nn.Module, data: CleanData, triggers: list[PatchTrigger], round_number: int,

@@ -26,8 +26,10 @@ from scanner.detectors.restoration import restore_triggers
 from scanner.detectors.tabor import TaborSettings, tabor_extra_terms, tabor_regularizers
 from scanner.scan import ScanResult, ScanSettings, save_artifacts
 from scanner.unlearning import (
+    PatchTrigger,
     TrueTrigger,
     UnlearnSettings,
+    dilated,
     export_patched,
     fine_tune,
     load_restored_triggers,
@@ -250,6 +252,33 @@ def test_fine_tune_uses_noise_patches_when_asked(smoke):
     again = weights(fine_tune(module, fit, triggers, settings.model_copy(update={"noise_patches": 0.3}))[0])
     assert any(not torch.equal(a, b) for a, b in zip(plain, noisy))
     assert all(torch.equal(a, b) for a, b in zip(noisy, again))
+
+
+def test_dilated_grows_the_mask_on_every_side_and_keeps_the_pattern():
+    mask = np.zeros((6, 7), np.float32)
+    mask[0, 0], mask[3, 3] = 1.0, 0.5  # a corner pixel and a half-strength one inside
+    pattern = np.random.default_rng(0).random((1, 6, 7), dtype=np.float32)
+    grown = dilated(PatchTrigger(target=2, mask=mask.copy(), pattern=pattern, source="tabor class 2"), 1)
+    expected = np.zeros((6, 7), np.float32)
+    expected[2:5, 2:5] = 0.5
+    expected[0:2, 0:2] = 1.0  # clipped at the border, not wrapped
+    assert np.array_equal(grown.mask, expected) and grown.mask.dtype == np.float32
+    assert grown.pattern is pattern and grown.target == 2 and "dilated 1 px" in grown.source
+    assert mask[0, 1] == 0  # the input is left alone
+    assert dilated(PatchTrigger(2, mask, pattern), 2).mask[0:3, 0:3].min() == 1.0
+
+
+def test_unlearn_stamps_and_measures_the_dilated_triggers_when_asked(smoke):
+    zoo, trojan, result_json, test = smoke
+    train, evaluation = finetune_and_evaluation(test)
+    triggers, _ = load_restored_triggers(result_json)
+    loaded = load_model(zoo / trojan["files"]["onnx"]["path"], check_data=train.x[:8])
+    settings = SETTINGS.model_copy(update={"epochs": 1, "rounds": 1, "dilate": 1})
+    outcome = unlearn(loaded.module, train, triggers, settings, evaluation=evaluation)
+    assert [t.source for t in outcome.triggers] == [f"{t.source} (mask dilated 1 px)" for t in triggers]
+    assert all(np.array_equal(u.mask, dilated(t, 1).mask) for u, t in zip(outcome.triggers, triggers))
+    assert outcome.triggers[0].mask.sum() > triggers[0].mask.sum()
+    assert outcome.to_json()["settings"]["dilate"] == 1
 
 
 def test_held_out_split_is_disjoint_and_per_class(smoke):
