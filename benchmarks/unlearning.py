@@ -275,7 +275,8 @@ def main() -> int:
          "ASR after (correct only)", "no trigger -> target after", "flipped by trigger after", "clean-model ASR",
          "clean model no trigger -> target", "restored-trigger ASR after", "seconds"],
         [[r["model_id"], r["targets"], r["flagged_classes"], pct(r["ca_before"]), pct(r["ca_after"]),
-          pct(r["ca_drop"]), pct(r["ca_drop_upper_bound"]), pct(r["asr_before"]), pct(r["asr_after"]), pct(r["asr_after_correct_only"]),
+          pct(r["ca_drop"]), pct(r["ca_drop_upper_bound"]), pct(r["asr_before"]), pct(r["asr_after"]),
+          pct(r["asr_after_correct_only"]),
           pct(r["no_trigger_to_target_after"]), pct(r["flipped_by_trigger_after"]), pct(r["asr_clean_reference"]),
           pct(r["no_trigger_to_target_clean_reference"]), pct(r["asr_restored_after"]), f"{r['seconds']:.0f}"]
          for r in rows])

@@ -229,7 +229,7 @@ class Measurement:
     clean_accuracy: float
     asr_restored: list[float]  # one per PatchTrigger, in order
     asr_true: list[float]  # one per TrueTrigger, in order (empty without ground truth)
-    correct: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, bool))  # per image, for pairing
+    correct: np.ndarray = field(repr=False)  # per image, to pair two measurements (`paired_accuracy_drop`)
 
     @property
     def max_asr_restored(self) -> float:
@@ -524,7 +524,7 @@ def dilated(trigger: PatchTrigger, pixels: int) -> PatchTrigger:
     """`trigger` with its mask grown by `pixels` on every side: each mask pixel takes the largest
     value within `pixels` of it (a square). The pattern is kept, so the grown rim stamps the
     pattern's values there."""
-    mask = maximum_filter(trigger.mask, size=2 * pixels + 1, mode="nearest").astype(trigger.mask.dtype)
+    mask = maximum_filter(trigger.mask, size=2 * pixels + 1, mode="nearest")  # keeps the dtype
     return PatchTrigger(target=trigger.target, mask=mask, pattern=trigger.pattern,
                         source=f"{trigger.source} (mask dilated {pixels} px)")
 
