@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from scanner.errors import TrojanScanError
 from scanner.loading_common import _one_line
 from scanner.policy import ModelPolicy, Policy
-from scanner.registry import (CA_DROP, CA_DROP_BOUND, ERROR, FLAGGED, GUARD, PATCHED_FROM, REQUESTED_BY,
+from scanner.registry import (CA_DROP, CA_DROP_BOUND, ERROR, FLAGGED, GUARD, PATCHED_FROM, PROMOTED_AT, REQUESTED_BY,
                               SCAN_RUN_ID, SCANNED_AT, SETTINGS_HASH, SHA256, STATUS, UNLEARN_RUN_ID, VERDICT, Registry,
                               RegistryUnavailable, VersionInfo, utc_now)
 
@@ -191,8 +191,12 @@ def settled_promotion(registry: Registry, policy: Policy, event: str, name: str,
 # -- the guard --------------------------------------------------------------------------------
 def guard(registry: Registry, policy: Policy, name: str) -> list[str]:
     """Undo a target alias or stage found on a version that is not `clean` (moved there by
-    hand, or by anything but the gate): the alias goes back to the newest clean version or is
-    removed; a non-clean version in the target stage is archived. Returns what was done."""
+    hand, or by anything but the gate): the alias goes back to the clean version the gate promoted
+    last, or is removed; a non-clean version in the target stage is archived. Returns what was done.
+
+    Only a version the gate itself promoted (tag `trojanscan.promoted_at`) is a fallback: `clean`
+    alone also marks versions scanned by hand and patched versions the gate held back (CA drop,
+    auto-promote off), and the guard must not promote what the gate refused."""
     model_policy = policy.for_model(name)
     target = model_policy.target
     if target.alias is not None:
@@ -202,20 +206,21 @@ def guard(registry: Registry, policy: Policy, name: str) -> list[str]:
         if holder is None or holder.status == "clean":
             return []
     versions = registry.versions(name)
-    clean = [v for v in versions if v.status == "clean"]
+    promoted = [v for v in versions if v.status == "clean" and PROMOTED_AT in v.tags]
     actions = []
     for info in versions:
         if info.status == "clean" or not holds_target(info, model_policy):
             continue
         why = f"held {target.describe()} while status was {info.status or 'unscanned'}"
         if target.alias is not None:
-            fallback = max((v for v in clean if v.version != info.version), key=lambda v: int(v.version), default=None)
+            fallback = max((v for v in promoted if v.version != info.version),
+                           key=lambda v: (v.tags[PROMOTED_AT], int(v.version)), default=None)
             if fallback is not None:
                 registry.set_alias(name, target.alias, fallback.version)
                 action = f"{name} v{info.version} {why}: @{target.alias} moved back to v{fallback.version}"
             else:
                 registry.delete_alias(name, target.alias)
-                action = f"{name} v{info.version} {why}: @{target.alias} removed (no clean version)"
+                action = f"{name} v{info.version} {why}: @{target.alias} removed (no clean version the gate promoted)"
         else:
             registry.set_stage(name, info.version, "Archived")
             action = f"{name} v{info.version} {why}: archived"
@@ -441,6 +446,7 @@ def _gate(registry: Registry, policy: ModelPolicy, outcome: GateOutcome) -> None
         registry.set_alias(info.name, target.alias, info.version)
     else:
         registry.set_stage(info.name, info.version, target.stage or "Production")
+    registry.set_tags(info.name, info.version, {PROMOTED_AT: utc_now()})
     outcome.promoted = True
     outcome.reasons.append(f"promoted to {target.describe()}")
 

@@ -53,6 +53,7 @@ SETTINGS_HASH, CLEAN_DATA, GUARD = TAG + "settings_hash", TAG + "clean_data", TA
 PATCHED_FROM, UNLEARN_RUN_ID = TAG + "patched_from", TAG + "unlearn_run_id"
 CA_DROP, CA_DROP_BOUND = TAG + "ca_drop", TAG + "ca_drop_bound"  # a patched version's CA drop, and its upper bound
 REQUESTED_BY = TAG + "requested_by"
+PROMOTED_AT = TAG + "promoted_at"  # set by the gate alone: the versions the guard may fall back to
 STATUSES = ("pending", "running", "clean", "infected", "error")
 CLEAN_SAMPLES_ARTIFACT = "clean_samples.npz"
 

@@ -161,10 +161,12 @@ def local_registry(tmp_path_factory: pytest.TempPathFactory, fm_smoke_zoo: tuple
     root = tmp_path_factory.mktemp("registry")
     zoo_dir, manifest = fm_smoke_zoo
     uri = local_store(root)
-    versions = {entry["id"]: register_onnx(zoo_dir / entry["files"]["onnx"]["path"], zoo_dir / "clean_samples.npz",
-                                           "gate-model") for entry in manifest["models"]}
+    onnx_files = {entry["id"]: zoo_dir / entry["files"]["onnx"]["path"] for entry in manifest["models"]}
+    versions = {model_id: register_onnx(path, zoo_dir / "clean_samples.npz", "gate-model")
+                for model_id, path in onnx_files.items()}
     (root / "policy.yaml").write_text(POLICY)
-    return {"uri": uri, "root": root, "versions": versions, "policy": load_policy(root / "policy.yaml")}
+    return {"uri": uri, "root": root, "versions": versions, "policy": load_policy(root / "policy.yaml"),
+            "onnx_files": onnx_files, "clean_samples": zoo_dir / "clean_samples.npz"}
 
 
 def test_gate_promotes_clean_blocks_trojan_and_never_scans_twice(local_registry: dict[str, Any]) -> None:
@@ -196,13 +198,20 @@ def test_gate_promotes_clean_blocks_trojan_and_never_scans_twice(local_registry:
 
 
 def test_guard_moves_a_hand_set_target_back(local_registry: dict[str, Any]) -> None:
-    from scanner.gate import guard, settled_promotion
+    from scanner.gate import guard, scan_version, settled_promotion
+    from tests.stack import register_onnx
 
     registry = Registry(local_registry["uri"])
     versions = local_registry["versions"]
     clean, trojan = versions["fm-clean-s0"], versions["fm-square4-br"]
     if registry.get_version("gate-model", clean).status != "clean":
         pytest.fail("test order: the gate test must run first")  # keeps the two steps honest
+    assert "trojanscan.promoted_at" in registry.get_version("gate-model", clean).tags
+    # a newer version scanned clean by hand, never requested: clean, but not the guard's to promote
+    hand = register_onnx(local_registry["onnx_files"]["fm-clean-s0"], local_registry["clean_samples"], "gate-model")
+    scanned = scan_version(registry, local_registry["policy"], "gate-model", hand, local_registry["root"] / "work")
+    assert (scanned.status, scanned.promoted) == ("clean", False)
+    assert "trojanscan.promoted_at" not in registry.get_version("gate-model", hand).tags
     policy, event = local_registry["policy"], "trojanscan.mlflow.model_version_alias.created"
     assert settled_promotion(registry, policy, event, "gate-model", clean, "champion"), "the gate's own promotion"
     registry.set_alias("gate-model", "champion", trojan)
