@@ -87,6 +87,12 @@ def register_models(out: Path, say: Callable[[str], None]) -> dict[str, str]:
     return versions
 
 
+def _held_back(outcome: dict) -> str:
+    """Why the gate did not promote a version, from its outcome's reasons ("not promoted: ...")."""
+    reasons = [r for r in outcome.get("reasons", []) if r.startswith("not promoted")]
+    return reasons[-1] if reasons else "not promoted"
+
+
 def run_demo(out: Path, say: Callable[[str], None]) -> dict[str, Any]:
     """Run the story; returns the final state of every version (for the CLI's table and tests)."""
     started = time.perf_counter()
@@ -114,7 +120,7 @@ def run_demo(out: Path, say: Callable[[str], None]) -> dict[str, Any]:
                     f"(CA {m['ca_before']:.3f} -> {m['ca_after']:.3f}, upper bound of the drop "
                     f"{m['ca_drop_bound']:+.3f}; restored-trigger ASR "
                     f"{m['asr_restored_before']:.3f} -> {m['asr_restored_after']:.3f}); rescan: {rescan.get('status')}"
-                    + (", promoted to @champion" if rescan.get("promoted") else ", not promoted"))
+                    + (", promoted to @champion" if rescan.get("promoted") else f", {_held_back(rescan)}"))
             elif patch:
                 say(f"  unlearning failed: {patch.get('reason')}")
     trojaned = [v for model_id, v in versions.items() if "clean" not in model_id]

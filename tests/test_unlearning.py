@@ -6,6 +6,7 @@ zoo model nor the fine-tune saw."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import subprocess
@@ -268,17 +269,23 @@ def test_dilated_grows_the_mask_on_every_side_and_keeps_the_pattern():
     assert dilated(PatchTrigger(2, mask, pattern), 2).mask[0:3, 0:3].min() == 1.0
 
 
-def test_unlearn_stamps_and_measures_the_dilated_triggers_when_asked(smoke):
+def test_unlearn_stamps_the_dilated_triggers_by_default_and_the_restored_ones_at_0(smoke):
     zoo, trojan, result_json, test = smoke
     train, evaluation = finetune_and_evaluation(test)
     triggers, _ = load_restored_triggers(result_json)
     loaded = load_model(zoo / trojan["files"]["onnx"]["path"], check_data=train.x[:8])
-    settings = SETTINGS.model_copy(update={"epochs": 1, "rounds": 1, "dilate": 1})
-    outcome = unlearn(loaded.module, train, triggers, settings, evaluation=evaluation)
+    settings = SETTINGS.model_copy(update={"epochs": 1, "rounds": 1})
+    assert settings.dilate == 1
+    outcome = unlearn(copy.deepcopy(loaded.module), train, triggers, settings, evaluation=evaluation)
     assert [t.source for t in outcome.triggers] == [f"{t.source} (mask dilated 1 px)" for t in triggers]
     assert all(np.array_equal(u.mask, dilated(t, 1).mask) for u, t in zip(outcome.triggers, triggers))
     assert outcome.triggers[0].mask.sum() > triggers[0].mask.sum()
     assert outcome.to_json()["settings"]["dilate"] == 1
+
+    as_restored = unlearn(loaded.module, train, triggers, settings.model_copy(update={"dilate": 0}),
+                          evaluation=evaluation)
+    assert [t.source for t in as_restored.triggers] == [t.source for t in triggers]
+    assert all(np.array_equal(u.mask, t.mask) for u, t in zip(as_restored.triggers, triggers))
 
 
 def test_held_out_split_is_disjoint_and_per_class(smoke):
