@@ -112,6 +112,12 @@ Choices, all in `UnlearnSettings` unless said otherwise:
   fm-checker8-bl and fm-res-checker6-tl (seed 0): true-trigger ASR after 7.40 / 2.98 / 3.59%
   against 5.66 / 1.21 / 2.55%. CA rose more (up to 2.1 points), but so did the share of
   untriggered images put in the target class (2.60 against 1.58% on fm-checker8-bl).
+- **Not done: distillation for small clean sets.** With the demo's 400 fine-tune images the patch
+  loses CA: over seeds 0-4 (100 held-out images each) the drop is 0-8 points, mean 3.0 (2.0 with
+  one round, 4.2 at lr 3e-4, 5.8 with 2 epochs; each mean is known to about 2 points). Adding
+  weight x KL(original model's probabilities on the unstamped image || patched model's) to the
+  loss, so the patch keeps the original's clean behaviour, left it at 2.8 (weight 1) and 3.0
+  (weight 5) points, so it was not kept.
 - **Mode**: the module stays in eval mode while it is fine-tuned: batch-norm statistics are kept
   as trained (a few hundred clean images would only add noise to them) and dropout is off; a
   `torch.export` program refuses `.train()` anyway. Gradients reach the weights of both an
