@@ -11,6 +11,7 @@ models:
   traffic-signs:               # per registered model: only the fields that differ
     clean_data: /data/signs-clean.npz
     auto_unlearn: true
+    unlearn_data: /data/signs-train-10k.npz  # patching needs thousands of images; scanning, hundreds
     unlearn: {epochs: 8}       # how an infected version is patched (scanner.unlearning.UnlearnSettings)
 ```
 
@@ -82,6 +83,10 @@ class ModelPolicy(BaseModel):
     auto_promote_patched: bool = False
     unlearn: UnlearnSettings = Field(default_factory=UnlearnSettings,
                                      description="how the unlearn-retrain flow patches an infected version")
+    unlearn_data: str | None = Field(
+        None, description="npz path or URI of the clean images a patch is fine-tuned on (and its CA measured on, "
+        "a held-out share); None: the version's clean data. A patch needs far more images than a scan: the demo's "
+        "model lost 4 points of CA patched on 400, 1 on 5000 (benchmarks/results/unlearning_data_size.md)")
     max_ca_drop: float = Field(0.01, ge=0, le=1, description="a patched version losing more CA is never promoted")
     ca_drop_check: Literal["estimate", "upper_bound"] = Field(
         "estimate", description="what max_ca_drop limits: the measured drop, or its upper confidence bound "

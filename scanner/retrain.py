@@ -1,14 +1,20 @@
 """Patch an infected registry version with its restored triggers and register the result.
 
 The registry side of TABOR's patching (`scanner.unlearning` is the numeric core): take the
-version's scan run (result JSON + restored masks/patterns), fine-tune the model on the version's
-clean data with those triggers stamped (true labels kept), log an MLflow run with CA and ASR
-before and after, and register the patched model as a new version of the same registered model
+version's scan run (result JSON + restored masks/patterns), fine-tune the model on clean data
+with those triggers stamped (true labels kept), log an MLflow run with CA and ASR before and
+after, and register the patched model as a new version of the same registered model
 with its lineage (`trojanscan.patched_from`, `trojanscan.unlearn_run_id`) and its CA drop
 (`trojanscan.ca_drop`, and its upper confidence bound `trojanscan.ca_drop_bound`). The new
 version is then scanned like any other; the gate promotes it only if it scans clean, the policy
 auto-promotes patched versions, and its CA drop (the estimate or the bound, as the policy's
 `ca_drop_check` says) is within the policy's limit.
+
+The clean data of the fine-tune is the policy's `unlearn_data` when it names one, else the
+version's own clean data (the scan's). A patch needs far more images than a scan to keep CA
+(benchmarks/results/unlearning_data_size.md), so a registry whose versions carry a few hundred
+clean samples can point `unlearn_data` at a larger set; the patched version is still scanned on
+the source version's scan data, which its run logs as `clean_samples.npz`.
 """
 
 from __future__ import annotations
@@ -53,17 +59,22 @@ def patch_version(registry: Registry, policy: Policy, name: str, version: str, w
     registry.download_run_artifact(info.tags[SCAN_RUN_ID], "result.json", scan_dir)
     registry.download_run_artifact(info.tags[SCAN_RUN_ID], "triggers", scan_dir)
     data_path, data_reference = registry.resolve_clean_data(info, model_policy.clean_data, folder / "data")
+    if model_policy.unlearn_data:  # a larger set for the fine-tune; the patched version is scanned on data_path
+        unlearn_path, unlearn_reference = registry.fetch_uri(model_policy.unlearn_data, folder / "unlearn-data"), \
+            model_policy.unlearn_data
+    else:
+        unlearn_path, unlearn_reference = data_path, data_reference
     suffix = ".onnx" if downloaded.flavor == "onnx" else ".pt2"
     patched_file = folder / f"patched{suffix}"
-    result = unlearn_files(downloaded.model_file, data_path, scan_dir / "result.json", patched_file, model_policy.unlearn,
-                           normalization=model_policy.normalization)
+    result = unlearn_files(downloaded.model_file, unlearn_path, scan_dir / "result.json", patched_file,
+                           model_policy.unlearn, normalization=model_policy.normalization)
     ca_drop = result.ca_drop.drop
     outcome.metrics = {"ca_before": result.before.clean_accuracy, "ca_after": result.after.clean_accuracy,
                        "asr_restored_before": result.before.max_asr_restored,
                        "asr_restored_after": result.after.max_asr_restored, "ca_drop": ca_drop,
                        "ca_drop_bound": result.ca_drop.upper_bound}
     run_id, new_version = _log_and_register(registry, policy.experiment, info, patched_file, data_path, result.to_json(),
-                                            outcome.metrics, data_reference)
+                                            outcome.metrics, data_reference, unlearn_reference)
     outcome.unlearn_run_id, outcome.patched_version = run_id, new_version
     registry.set_tags(name, new_version, {PATCHED_FROM: str(version), UNLEARN_RUN_ID: run_id,
                                           CA_DROP: f"{max(ca_drop, 0.0):.6f}",
@@ -74,16 +85,19 @@ def patch_version(registry: Registry, policy: Policy, name: str, version: str, w
 
 
 def _log_and_register(registry: Registry, experiment: str, info: VersionInfo, patched_file: Path, data_path: Path,
-                      unlearn_json: dict[str, Any], metrics: dict[str, float], data_reference: str) -> tuple[str, str]:
-    """One MLflow run for the patch (metrics, the unlearning JSON, the clean data it used) that
-    also logs the patched model, registered as the next version of the same registered model."""
+                      unlearn_json: dict[str, Any], metrics: dict[str, float], data_reference: str,
+                      unlearn_reference: str) -> tuple[str, str]:
+    """One MLflow run for the patch (metrics, the unlearning JSON, the clean data the source was
+    scanned on, which the patched version is scanned on too) that also logs the patched model,
+    registered as the next version of the same registered model."""
     import mlflow
 
     mlflow.set_tracking_uri(registry.tracking_uri)
     experiment_id = registry.experiment_id(experiment)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"unlearn {info.name} v{info.version}") as run:
         mlflow.set_tags({"trojanscan.model": f"{info.name}/{info.version}", "trojanscan.kind": "unlearn",
-                         "trojanscan.clean_data_source": data_reference})
+                         "trojanscan.clean_data_source": data_reference,
+                         "trojanscan.unlearn_data_source": unlearn_reference})
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         mlflow.log_dict(unlearn_json, "unlearning.json")
         clean_samples = data_path if data_path.name == "clean_samples.npz" else _as_clean_samples(data_path)

@@ -28,7 +28,9 @@ models:
   patch-promote: {auto_promote_patched: true}
   patch-wait: {auto_promote_patched: false, unlearn: {validation_min_images: 5000}}  # no effect on 400 images
   patch-bound: {auto_promote_patched: true, ca_drop_check: upper_bound}
+  patch-more-data: {unlearn_data: UNLEARN_DATA}
 """
+MORE_DATA_IMAGES = 1000  # Fashion-MNIST training images, twice the smoke zoo's clean samples
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +42,13 @@ def store(tmp_path_factory: pytest.TempPathFactory, fm_smoke_zoo: tuple[Path, di
     uri = local_store(root)
     trojan = next(m for m in manifest["models"] if m["trojaned"])
     versions = {name: register_onnx(zoo_dir / trojan["files"]["onnx"]["path"], zoo_dir / "clean_samples.npz", name)
-                for name in ("patch-promote", "patch-wait", "patch-bound")}
-    (root / "policy.yaml").write_text(POLICY)
-    return {"uri": uri, "root": root, "versions": versions, "policy": load_policy(root / "policy.yaml")}
+                for name in ("patch-promote", "patch-wait", "patch-bound", "patch-more-data")}
+    from scanner.fashion_mnist import load_fashion_mnist
+
+    load_fashion_mnist("train").subset(slice(0, MORE_DATA_IMAGES)).save_npz(root / "more.npz")
+    (root / "policy.yaml").write_text(POLICY.replace("UNLEARN_DATA", str(root / "more.npz")))
+    return {"uri": uri, "root": root, "versions": versions, "policy": load_policy(root / "policy.yaml"),
+            "zoo_dir": zoo_dir}
 
 
 def _block_and_patch(store: dict[str, Any], name: str) -> tuple[Registry, Any, Any]:
@@ -123,3 +129,35 @@ def test_patched_version_is_judged_by_its_ca_drop_bound_when_the_policy_says_so(
         assert registry.alias_version("patch-bound", "champion") == (version if promoted else None)
         reasons[check] = " ".join(outcome.reasons)
     assert "CA drop's upper bound is" in reasons["upper_bound"] and "upper bound" not in reasons["estimate"]
+
+
+def test_a_policy_can_patch_with_a_larger_clean_set(store: dict[str, Any]) -> None:
+    """`unlearn_data` gives the patch its own, larger clean set: the fine-tune and the CA
+    measurement use it, while the patched version keeps the scan's clean samples for its rescan.
+    A set that is not there is an error, and nothing is registered."""
+    from scanner.data import CleanData
+    from scanner.errors import DataError
+    from scanner.gate import scan_version
+    from scanner.policy import load_policy
+    from scanner.retrain import patch_version
+
+    name, root = "patch-more-data", store["root"]
+    registry = Registry(store["uri"])
+    version = store["versions"][name]
+    registry.set_alias(name, "candidate", version)
+    assert scan_version(registry, store["policy"], name, version, root / "work").status == "infected"
+    broken = root / "broken.yaml"
+    broken.write_text(POLICY.replace("UNLEARN_DATA", str(root / "missing.npz")))
+    with pytest.raises(DataError, match="missing.npz not found"):
+        patch_version(registry, load_policy(broken), name, version, root / "work")
+    assert [v.version for v in registry.versions(name)] == [version]  # nothing registered
+    patched = patch_version(registry, store["policy"], name, version, root / "work")
+    logged = json.loads(Path(registry.download_run_artifact(patched.unlearn_run_id, "unlearning.json",
+                                                            root / "more-logged")).read_text())
+    assert logged["finetune_images"] + logged["measured_images"] == MORE_DATA_IMAGES
+    assert logged["measured_images"] == pytest.approx(0.2 * MORE_DATA_IMAGES, abs=10)  # held_out 0.2 a class
+    run = registry.client.get_run(patched.unlearn_run_id)
+    assert run.data.tags["trojanscan.unlearn_data_source"] == str(root / "more.npz")
+    samples = registry.download_run_artifact(patched.unlearn_run_id, "clean_samples.npz", root / "more-samples")
+    zoo_samples = CleanData.load_npz(store["zoo_dir"] / "clean_samples.npz")
+    assert len(CleanData.load_npz(samples)) == len(zoo_samples) < MORE_DATA_IMAGES
