@@ -49,8 +49,23 @@ defaults:
   auto_promote_patched: true   # ...and the patched version is promoted if it scans clean
   max_ca_drop: 0.01
 models:
-  fashion-classifier: {}
+  fashion-classifier:
+    unlearn_data: UNLEARN_DATA  # the patch's own clean set: a scan needs hundreds of images, a patch thousands
 """
+UNLEARN_IMAGES = 12500  # 80% fine-tuned, of which 10% (1000) pick each round's epoch; 20% measure the CA drop
+
+
+def write_unlearn_data(out: Path) -> Path:
+    """Clean Fashion-MNIST training images for the patch (the defender's clean training data, as
+    in the TABOR paper), the first of each class: on 400 images the demo's patch loses about 4
+    points of CA, on 10000 none (benchmarks/results/unlearning_data_size.md)."""
+    from scanner.fashion_mnist import load_fashion_mnist
+    from scanner.zoo import balanced_subset
+
+    path = (out / "unlearn-data.npz").resolve()
+    if not path.is_file():
+        balanced_subset(load_fashion_mnist("train"), UNLEARN_IMAGES // 10).save_npz(path)
+    return path
 
 
 def register_models(out: Path, say: Callable[[str], None]) -> dict[str, str]:
@@ -97,7 +112,10 @@ def run_demo(out: Path, say: Callable[[str], None]) -> dict[str, Any]:
     """Run the story; returns the final state of every version (for the CLI's table and tests)."""
     started = time.perf_counter()
     configure(out)
-    (out / "policy.yaml").write_text(POLICY)
+    unlearn_data = write_unlearn_data(out)
+    say(f"policy: {out / 'policy.yaml'} (an infected version is patched on {UNLEARN_IMAGES} clean training images, "
+        f"{unlearn_data.name})")
+    (out / "policy.yaml").write_text(POLICY.replace("UNLEARN_DATA", str(unlearn_data)))
     versions = register_models(out, say)
 
     from flows.watcher import registry_watcher

@@ -73,7 +73,7 @@ def load_zoo_data(dataset: Dataset, size: Size) -> ZooData:
         n_train = 12000 if size == "smoke" else len(train)
         train = train.subset(slice(0, n_train))
         evaluation = test.subset(slice(0, 9000))
-        clean_samples = _balanced(test.subset(slice(9000, None)), per_class=50)
+        clean_samples = balanced_subset(test.subset(slice(9000, None)), per_class=50)
         settings = {"train_images": n_train, "evaluation": "test[:9000]", "clean_samples": "test[9000:] 50/class"}
         return ZooData(dataset, train, evaluation, clean_samples, fashion_mnist.NUM_CLASSES, settings)
     if dataset == "signs":
@@ -86,7 +86,8 @@ def load_zoo_data(dataset: Dataset, size: Size) -> ZooData:
     raise ValueError(f"unknown zoo data set {dataset!r}; use fashion-mnist or signs")
 
 
-def _balanced(data: CleanData, per_class: int) -> CleanData:
+def balanced_subset(data: CleanData, per_class: int) -> CleanData:
+    """The first `per_class` images of every class, in their original order."""
     index = np.concatenate([np.flatnonzero(data.y == k)[:per_class] for k in np.unique(data.y)])
     return data.subset(np.sort(index))
 
