@@ -425,6 +425,8 @@ def _gate(registry: Registry, policy: ModelPolicy, outcome: GateOutcome) -> None
     info = registry.get_version(outcome.name, outcome.version)  # fresh: the request may have moved
     if info.status != "clean":
         outcome.unlearn = info.status == "infected" and policy.auto_unlearn and PATCHED_FROM not in info.tags
+        if info.status == "infected" and PATCHED_FROM in info.tags:
+            outcome.reasons.append(_patched_flags(registry, info))
         return
     if not is_requested(info, policy):
         outcome.reasons.append(f"not promoted: v{info.version} no longer holds {policy.request.describe()}")
@@ -449,6 +451,19 @@ def _gate(registry: Registry, policy: ModelPolicy, outcome: GateOutcome) -> None
     registry.set_tags(info.name, info.version, {PROMOTED_AT: utc_now()})
     outcome.promoted = True
     outcome.reasons.append(f"promoted to {target.describe()}")
+
+
+def _patched_flags(registry: Registry, info: VersionInfo) -> str:
+    """What an infected rescan of a patched version flags against what its source was flagged
+    on: new classes on a patched model have been natural features more often than triggers
+    (benchmarks/results/HISTORY.md, "Rescans of patched versions"), which a reader should know."""
+    source = registry.get_version(info.name, info.tags[PATCHED_FROM])
+    before = json.loads(source.tags.get(FLAGGED, "[]") or "[]")
+    after = json.loads(info.tags.get(FLAGGED, "[]") or "[]")
+    still, new = sorted(set(before) & set(after)), sorted(set(after) - set(before))
+    return (f"not promoted, not patched again: patched from v{source.version} (flagged {before}); this scan flags "
+            f"{after}: {still or 'none'} still, {new or 'none'} new (a new class on a patched model can be a "
+            "natural feature; look at its restored trigger in the report)")
 
 
 ERROR_TAG_PATIENCE_SECONDS = 60.0  # how long a scan waits for a vanished registry to take its `error`

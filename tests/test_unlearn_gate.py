@@ -161,3 +161,21 @@ def test_a_policy_can_patch_with_a_larger_clean_set(store: dict[str, Any]) -> No
     samples = registry.download_run_artifact(patched.unlearn_run_id, "clean_samples.npz", root / "more-samples")
     zoo_samples = CleanData.load_npz(store["zoo_dir"] / "clean_samples.npz")
     assert len(CleanData.load_npz(samples)) == len(zoo_samples) < MORE_DATA_IMAGES
+
+
+def test_an_infected_rescan_of_a_patched_version_says_what_it_flags_against_its_source(store: dict[str, Any]) -> None:
+    """The gate's reasons for an infected patched version: never promoted, not patched again, and
+    which of its flagged classes its source was flagged on too (set here by hand: on the smoke zoo
+    the rescan comes out either way)."""
+    from scanner.gate import scan_version
+
+    registry, patched, _ = _block_and_patch(store, "patch-wait")
+    source = store["versions"]["patch-wait"]
+    version = patched.patched_version
+    registry.set_tags("patch-wait", version, {"trojanscan.status": "infected",
+                                              "trojanscan.flagged_classes": "[6, 7]"})
+    outcome = scan_version(registry, store["policy"], "patch-wait", version, store["root"] / "work")
+    assert (outcome.status, outcome.promoted, outcome.unlearn) == ("infected", False, False)
+    assert outcome.reasons[-1].startswith(f"not promoted, not patched again: patched from v{source} (flagged [7]); "
+                                          "this scan flags [6, 7]: [7] still, [6] new")
+    assert registry.alias_version("patch-wait", "champion") is None
