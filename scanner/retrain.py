@@ -59,11 +59,10 @@ def patch_version(registry: Registry, policy: Policy, name: str, version: str, w
     registry.download_run_artifact(info.tags[SCAN_RUN_ID], "result.json", scan_dir)
     registry.download_run_artifact(info.tags[SCAN_RUN_ID], "triggers", scan_dir)
     data_path, data_reference = registry.resolve_clean_data(info, model_policy.clean_data, folder / "data")
+    unlearn_path, unlearn_reference = data_path, data_reference
     if model_policy.unlearn_data:  # a larger set for the fine-tune; the patched version is scanned on data_path
-        unlearn_path, unlearn_reference = registry.fetch_uri(model_policy.unlearn_data, folder / "unlearn-data"), \
-            model_policy.unlearn_data
-    else:
-        unlearn_path, unlearn_reference = data_path, data_reference
+        unlearn_reference = model_policy.unlearn_data
+        unlearn_path = registry.fetch_uri(unlearn_reference, folder / "unlearn-data")
     suffix = ".onnx" if downloaded.flavor == "onnx" else ".pt2"
     patched_file = folder / f"patched{suffix}"
     result = unlearn_files(downloaded.model_file, unlearn_path, scan_dir / "result.json", patched_file,
