@@ -10,7 +10,9 @@ demo's trojaned model (`fm-square5-br`, the demo zoo, built here when missing, a
 the default `UnlearnSettings` on seeded class-balanced subsets of the clean training images of each
 size, and measures CA and the true trigger's ASR on the zoo's 9000 held-out test images, so the CA
 drop is known to about 0.3 points rather than the several points 100 held-out images give. The
-restoration (a TABOR scan, cached) and the measuring are `benchmarks/unlearning.py`'s.
+restoration (a TABOR scan, cached) and the measuring are `benchmarks/unlearning.py`'s. Each
+patched model is then scanned again with the default scan (NeuronInspect + TABOR, seed 0, the
+zoo's 500 clean samples), as the gate rescans a patched version before it may be promoted.
 
 Writes benchmarks/results/<name>.json and .md.
 """
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.results_file import markdown_table, write_results  # noqa: E402
 from benchmarks.unlearning import CA_DROP_TARGET, ASR_TARGET, finetune_set, patch_row, restore  # noqa: E402
 from scanner.model_io import load_model  # noqa: E402
+from scanner.scan import ScanSettings, scan_model  # noqa: E402
 from scanner.unlearning import UnlearnSettings  # noqa: E402
 from scanner.zoo import build_zoo, load_manifest, load_zoo_data  # noqa: E402
 
@@ -41,9 +44,13 @@ _JOB: dict = {}  # shared by every patch of one run; set before the worker proce
 def _patch(size_and_seed: tuple[int, int]) -> dict:
     size, seed = size_and_seed
     torch.set_num_threads(1)
+    out_dir = _JOB["zoo"] / "unlearned-by-size" / f"{size}-seed{seed}"
     row = patch_row(_JOB["zoo"], _JOB["entry"], _JOB["data"], finetune_set(_JOB["data"].train, size, seed),
-                    UnlearnSettings(seed=seed), _JOB["references"], _JOB["zoo"] / "unlearned-by-size")
-    return {"finetune_images_given": size, "seed": seed, **row}
+                    UnlearnSettings(seed=seed), _JOB["references"], out_dir)
+    rescan = scan_model(out_dir / f"{row['model_id']}.onnx", _JOB["zoo"] / "clean_samples.npz",
+                        ScanSettings(seed=0, device="cpu")).to_json()
+    return {"finetune_images_given": size, "seed": seed, **row, "rescan_verdict": rescan["verdict"],
+            "rescan_flagged": {name: d["flagged_classes"] for name, d in rescan["detectors"].items()}}
 
 
 def main() -> int:
@@ -84,22 +91,30 @@ def main() -> int:
             "asr_after_max": max(r["asr_after"] for r in group),
             "asr_target_met": sum(r["asr_after"] <= ASR_TARGET for r in group),
             "seconds_mean": float(np.mean([r["seconds"] for r in group])),
+            "rescans_infected": sum(r["rescan_verdict"] != "clean" for r in group),
         })
     pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
     table = markdown_table(
         ["clean images given", "fine-tuned / validating", "seeds", "CA drop mean (points)", "CA drop min-max",
-         "CA within 1 point", "ASR after mean (%)", "ASR after max (%)", "ASR <= 2%", "seconds a patch"],
+         "CA within 1 point", "ASR after mean (%)", "ASR after max (%)", "ASR <= 2%", "rescan infected",
+         "seconds a patch"],
         [[s["finetune_images_given"], f"{s['finetune_images']} / {s['validation_images']}", s["seeds"],
           pct(s["ca_drop_mean"]), f"{pct(s['ca_drop_min'])} to {pct(s['ca_drop_max'])}",
           f"{s['ca_target_met']}/{s['seeds']}", pct(s["asr_after_mean"]), pct(s["asr_after_max"]),
-          f"{s['asr_target_met']}/{s['seeds']}", f"{s['seconds_mean']:.0f}"] for s in summary])
+          f"{s['asr_target_met']}/{s['seeds']}", f"{s['rescans_infected']}/{s['seeds']}",
+          f"{s['seconds_mean']:.0f}"] for s in summary])
     table += (f"\n\nModel `{trojans[0]['id']}` (CA before {pct(rows[0]['ca_before'])}%, ASR before "
               f"{pct(rows[0]['asr_before'])}%), default UnlearnSettings but the seed, CA and true-trigger ASR on "
-              f"{len(data.evaluation)} held-out test images. Per seed:\n\n")
+              f"{len(data.evaluation)} held-out test images; 'rescan': the default scan (ni + tabor) of the "
+              f"patched model on the zoo's clean samples, as the gate rescans a patched version (the source was "
+              f"flagged on its target, class {trojans[0]['targets']}). Per seed:\n\n")
     table += markdown_table(
-        ["clean images given", "seed", "CA after", "CA drop", "CA drop bound", "ASR after", "rounds", "seconds"],
+        ["clean images given", "seed", "CA after", "CA drop", "CA drop bound", "ASR after", "rounds", "seconds",
+         "rescan", "rescan flags"],
         [[r["finetune_images_given"], r["seed"], pct(r["ca_after"]), pct(r["ca_drop"]), pct(r["ca_drop_upper_bound"]),
-          pct(r["asr_after"]), sum("epoch_kept" in x for x in r["rounds"]), f"{r['seconds']:.0f}"] for r in rows])
+          pct(r["asr_after"]), sum("epoch_kept" in x for x in r["rounds"]), f"{r['seconds']:.0f}", r["rescan_verdict"],
+          ", ".join(f"{name} {flags}" for name, flags in r["rescan_flagged"].items() if flags) or "-"]
+         for r in rows])
     path = write_results(args.name, {"zoo": str(args.zoo), "model_id": trojans[0]["id"],
                                      "settings": UnlearnSettings().model_dump(), "rows": rows, "summary": summary},
                          table)
