@@ -59,12 +59,12 @@ def write_unlearn_data(out: Path) -> Path:
     """Clean Fashion-MNIST training images for the patch (the defender's clean training data, as
     in the TABOR paper), the first of each class: on 400 images the demo's patch loses about 4
     points of CA, on 10000 none (benchmarks/results/unlearning_data_size.md)."""
-    from scanner.fashion_mnist import load_fashion_mnist
+    from scanner.fashion_mnist import NUM_CLASSES, load_fashion_mnist
     from scanner.zoo import balanced_subset
 
     path = (out / "unlearn-data.npz").resolve()
     if not path.is_file():
-        balanced_subset(load_fashion_mnist("train"), UNLEARN_IMAGES // 10).save_npz(path)
+        balanced_subset(load_fashion_mnist("train"), UNLEARN_IMAGES // NUM_CLASSES).save_npz(path)
     return path
 
 

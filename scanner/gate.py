@@ -312,7 +312,12 @@ def _claim_scan_and_gate(registry: Registry, policy: Policy, model_policy: Model
 def _outcome_from_tags(outcome: GateOutcome, info: VersionInfo) -> None:
     outcome.status = outcome.verdict = info.status or "error"
     outcome.scan_run_id = info.tags.get(SCAN_RUN_ID)
-    outcome.flagged_classes = json.loads(info.tags.get(FLAGGED, "[]") or "[]")
+    outcome.flagged_classes = _flagged(info)
+
+
+def _flagged(info: VersionInfo) -> list[int]:
+    """The classes a version's scan flagged, from its tag (none when untagged or empty)."""
+    return json.loads(info.tags.get(FLAGGED, "[]") or "[]")
 
 
 class ClaimLost(Exception):
@@ -458,8 +463,7 @@ def _patched_flags(registry: Registry, info: VersionInfo) -> str:
     on: new classes on a patched model have been natural features more often than triggers
     (benchmarks/results/HISTORY.md, "Rescans of patched versions"), which a reader should know."""
     source = registry.get_version(info.name, info.tags[PATCHED_FROM])
-    before = json.loads(source.tags.get(FLAGGED, "[]") or "[]")
-    after = json.loads(info.tags.get(FLAGGED, "[]") or "[]")
+    before, after = _flagged(source), _flagged(info)
     still, new = sorted(set(before) & set(after)), sorted(set(after) - set(before))
     return (f"not promoted, not patched again: patched from v{source.version} (flagged {before}); this scan flags "
             f"{after}: {still or 'none'} still, {new or 'none'} new (a new class on a patched model can be a "
