@@ -1,6 +1,6 @@
 """Why NeuronInspect misses our trojans, and how the hotspot detector's settings were chosen.
 
-    python benchmarks/ni_variants.py [--zoo-root zoo] [--datasets fashion-mnist,signs]
+    python benchmarks/ni_variants.py [--zoo-root zoo] [--datasets fashion-mnist,signs] [--name ni_variants]
 
 For every zoo model, the saliency of every class is computed once on all clean samples (plain
 and rectified gradients), then each variant is scored from it: trojans caught with the right
@@ -8,7 +8,8 @@ target at index >= threshold, and clean models with any class at or above it. Va
 
 - NeuronInspect as implemented (`scanner.detectors.neuron_inspect`: rectified saliency, maps on
   their own scale, median threshold, the paper's MNIST or GTSRB weights), on its 100 images,
-  and with the alternatives the paper leaves open (plain gradients, persistence thresholds);
+  and with the alternatives the paper leaves open (plain gradients, persistence thresholds,
+  sparse and smooth taken on one heatmap per class rather than per image);
 - the hotspot detector (`scanner.detectors.saliency_hotspot`) with its choices varied one at a
   time (gradients, window, own-class images kept, threshold).
 
@@ -39,13 +40,18 @@ from scanner.detectors.neuron_inspect import (  # noqa: E402
     NeuronInspectSettings,
     choose_images,
     class_features,
+    combined_feature,
     input_saliency,
     normalise_maps,
+    persistence_feature,
+    smoothness_feature,
+    sparseness_feature,
 )
 from scanner.detectors.saliency_hotspot import hotspot_scores  # noqa: E402
 from scanner.model_io import load_model  # noqa: E402
 
 NI_IMAGES = NeuronInspectSettings().images
+CACHE_VERSION = "-v2"  # v2: the class-heatmap variants
 
 
 def class_maps(model: torch.nn.Module, x: torch.Tensor, classes: int, rectified: bool) -> torch.Tensor:
@@ -57,6 +63,19 @@ def class_maps(model: torch.nn.Module, x: torch.Tensor, classes: int, rectified:
 
 def ni_scores(maps: torch.Tensor, weights: tuple[float, float, float], quantile: float) -> np.ndarray:
     return mad_anomaly_index(class_features(maps, weights, quantile)["combined"], "low")
+
+
+def class_heatmap_scores(maps: torch.Tensor, weights: tuple[float, float, float] | None, quantile: float) -> np.ndarray:
+    """The other reading of the paper's "explanation heatmap" of a class: sparse and smooth taken
+    on one heatmap per class (the mean of its k normalised maps, scaled to a peak of 1) instead of
+    averaged over the k maps; persistence as shipped. `weights` None: sparseness alone."""
+    heatmap = normalise_maps(maps.mean(dim=1))
+    sparse = sparseness_feature(heatmap).numpy()
+    if weights is None:
+        return mad_anomaly_index(sparse, "low")
+    combined = combined_feature(sparse, smoothness_feature(heatmap).numpy(),
+                                persistence_feature(maps, quantile).numpy(), *weights)
+    return mad_anomaly_index(combined, "low")
 
 
 def persistent(maps: torch.Tensor, labels: np.ndarray, leave_own_out: bool) -> torch.Tensor:
@@ -86,6 +105,8 @@ def model_indices(zoo: Path, entry: dict, data: CleanData) -> tuple[dict[str, np
         for quantile in (0.5, 0.9, 0.98):
             out[f"ni {grad} MNIST weights q={quantile}"] = ni_scores(ni_maps, mnist, quantile)
             out[f"ni {grad} GTSRB weights q={quantile}"] = ni_scores(ni_maps, gtsrb, quantile)
+        out[f"ni {grad} class heatmap MNIST weights q=0.5"] = class_heatmap_scores(ni_maps, mnist, 0.5)
+        out[f"ni {grad} class heatmap sparseness only"] = class_heatmap_scores(ni_maps, None, 0.5)
         for own_out in (True, False):
             pers = persistent(maps[grad], data.y, own_out)
             for window in (1, 3, 5):
@@ -114,7 +135,7 @@ def table(rows: list[dict]) -> str:
 def cached_indices(zoo: Path, entry: dict, data: CleanData) -> tuple[dict[str, np.ndarray], dict | None]:
     """model_indices, cached under <zoo>/scans/ by model sha256 (the variants are fixed here)."""
     sha = entry["files"]["onnx"]["sha256"][:16]
-    cache = zoo / "scans" / f"{entry['id']}-ni_variants-{sha}.json"
+    cache = zoo / "scans" / f"{entry['id']}-ni_variants{CACHE_VERSION}-{sha}.json"
     if cache.is_file():
         saved = json.loads(cache.read_text())
         return {k: np.asarray(v) for k, v in saved["indices"].items()}, saved["diagnostic"]
@@ -136,6 +157,7 @@ def main() -> int:
     parser.add_argument("--zoo-root", type=Path, default=Path("zoo"))
     parser.add_argument("--datasets", default="fashion-mnist,signs")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--name", default="ni_variants", help="results file name")
     args = parser.parse_args()
     torch.manual_seed(0)
     results, diagnostics = {}, []
@@ -169,7 +191,7 @@ def main() -> int:
             table(diagnostics)]
     ranked_first = sum(d["target_rank"] == 1 for d in diagnostics)
     body += ["", f"Target ranked first on {ranked_first} of {len(diagnostics)} fixed-position trojans."]
-    write_results("ni_variants", {"rows": rows, "scores": [{"variant": v, "threshold": t, **r} for (v, t), r in results.items()], "diagnostics": diagnostics, "target_ranked_first": ranked_first},
+    write_results(args.name, {"rows": rows, "scores": [{"variant": v, "threshold": t, **r} for (v, t), r in results.items()], "diagnostics": diagnostics, "target_ranked_first": ranked_first},
                   "\n".join(body), results_dir=args.results_dir)
     return 0
 

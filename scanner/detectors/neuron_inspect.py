@@ -34,9 +34,12 @@ On the full zoos it finds almost nothing: `benchmarks/ni_variants.py` scores thi
 the alternatives the paper leaves open (plain gradients, persistence thresholds 0.9 and 0.98,
 either weight row) from one saliency pass. As shipped it catches 1 of the 20 Fashion-MNIST and 0
 of the 13 signs trojans; no variant catches more than 6/20 (with 2 of 5 clean models flagged)
-and 1/13. The trigger is in the saliency (the target class puts the largest share of its
-saliency on the trigger's pixels for nearly every fixed-position trojan), but the whole-map
-features cannot see it; `saliency_hotspot.py` compares classes pixel by pixel instead. Nor is it
+and 1/13. Nor does the other reading of "the heatmap" of a class (sparse and smooth on the mean
+of its k maps, not averaged over them): 4/20 on the Fashion-MNIST build of 2026-12-05, 6/20 by
+its sparseness alone, against 1/20 as shipped (`benchmarks/results/ni_variants_fm.md`). The
+trigger is in the saliency (the target class puts the largest share of its saliency on the
+trigger's pixels for nearly every fixed-position trojan), but the whole-map features cannot see
+it; `saliency_hotspot.py` compares classes pixel by pixel instead. Nor is it
 the zoo's training: `benchmarks/ni_training_regime.py` retrains four of its trojans as the paper
 trained MNIST (Adam lr 0.01, 10 epochs, inject ratio 0.01) and this detector catches none of them
 (target index 0.00-0.21) while flagging classes 5, 7 or 9 on 5 of the 6 models, a clean one too.
