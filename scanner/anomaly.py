@@ -11,10 +11,15 @@ CONSISTENCY = 1.4826  # makes MAD a consistent estimator of the standard deviati
 Tail = Literal["low", "high"]
 
 
-def mad_anomaly_index(values: np.ndarray, tail: Tail) -> np.ndarray:
+def mad_anomaly_index(values: np.ndarray, tail: Tail, min_mad: float = 0.0) -> np.ndarray:
     """Anomaly index per class: |v - median| / (1.4826 * median(|v - median|)), kept only on the
     suspicious tail (`low`: values below the median, e.g. small trigger norms; `high`: above).
     Classes on the other side of the median get index 0.
+
+    `min_mad` (default 0: Leys et al. as stated) is a floor on median(|v - median|), for a
+    statistic whose run-to-run noise is known: when most classes score nearly alike, the MAD
+    of ten values can fall below that noise, and then a deviation the noise alone explains reads
+    as an outlier (TABOR's `metric_mad_floor` says where this happened).
 
     numpy's median (mean of the two middle values on an even count) is used on purpose:
     torch.median takes the lower middle and changes which of 10 classes get flagged.
@@ -28,7 +33,7 @@ def mad_anomaly_index(values: np.ndarray, tail: Tail) -> np.ndarray:
         raise ValueError("MAD input contains NaN or inf")
     median = np.median(values)
     deviation = np.abs(values - median)
-    mad = CONSISTENCY * np.median(deviation)
+    mad = CONSISTENCY * max(float(np.median(deviation)), min_mad)
     with np.errstate(divide="ignore", invalid="ignore"):
         index = np.where(deviation > 0, deviation / mad if mad > 0 else np.inf, 0.0)
     on_tail = values < median if tail == "low" else values > median

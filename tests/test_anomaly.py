@@ -22,6 +22,19 @@ def test_even_count_uses_the_mean_of_the_two_middle_values():
     np.testing.assert_allclose(index, [1.5 / CONSISTENCY, 0.5 / CONSISTENCY, 0, 0])
 
 
+def test_a_mad_floor_keeps_a_tight_cluster_from_making_a_small_deviation_an_outlier():
+    # nine classes within 0.02 of each other and one 0.25 below: MAD 0.01 -> index about 16.9;
+    # with the floor 0.1 the same deviation scores 0.25 / (1.4826 * 0.1) = 1.69
+    values = np.array([-2.10, -2.11, -2.09, -2.10, -2.12, -2.08, -2.35, -2.10, -2.11, -2.09])
+    bare = mad_anomaly_index(values, tail="low")
+    floored = mad_anomaly_index(values, tail="low", min_mad=0.1)
+    assert flag(bare, 2.0) == [6] and flag(floored, 2.0) == []
+    assert floored[6] == pytest.approx(0.25 / (CONSISTENCY * 0.1))
+    # a spread above the floor is left as it was
+    wide = np.array([-2.0, -1.5, -2.5, -2.2, -1.8, -4.0])
+    np.testing.assert_array_equal(mad_anomaly_index(wide, "low", min_mad=0.1), mad_anomaly_index(wide, "low"))
+
+
 def test_threshold_is_inclusive_and_bad_input_is_refused():
     assert flag(np.array([1.99, 2.0, 3.0]), 2.0) == [1, 2]
     with pytest.raises(ValueError, match="NaN"):

@@ -69,6 +69,8 @@ class TaborSettings(RestorationSettings):
                              "of the time; eq. (5)'s difference ||M|| - ||M * M-hat|| barely moves after 30 steps)")
     prune_init_lambda: float = Field(1e-2, gt=0, description="initial elastic-net weight on the pruned mask")
     prune_threshold: float = Field(0.9, gt=0, le=1, description="attack success the pruned trigger must keep")
+    metric_mad_floor: float = Field(0.1, ge=0, le=10, description="floor on the MAD of the eq. (5) metrics in "
+                                    "the anomaly index (0: none, as the paper); see judge_with_tabor_metric")
 
 
 def elastic_net(values: torch.Tensor) -> torch.Tensor:
@@ -219,9 +221,26 @@ def judge_with_tabor_metric(detector: Detector, model: torch.nn.Module, data: Cl
                             triggers: dict[int, RestoredTrigger], mask_l1: np.ndarray, slots: int,
                             s: TaborSettings, bf16: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Prune every class's restored trigger (eq. 4), score it (eq. 5), MAD on the low tail.
-    Fills each trigger's refined_mask; returns (anomaly index, statistics)."""
+    Fills each trigger's refined_mask; returns (anomaly index, statistics).
+
+    Our addition: the MAD is floored at `metric_mad_floor` (0.1, eq. 5 is in log units, so 0.1
+    is a 10% difference of the pruned-away mask over attack success). Why: when most classes
+    score nearly alike, the MAD of ten metrics can fall below the metric's own run-to-run noise,
+    and a class the noise moved a little becomes an outlier. A patched copy of the demo's trojan
+    (`unlearned-by-size/400-seed2`) scanned with seeds 0-3 on one and on two threads was clean in
+    seven runs and infected (class 6, index 5.54) in one, where the MAD of its metrics was 0.031
+    against 0.089-0.109 in the others; each class's metric moves by a standard deviation of
+    0.040-0.046 between seeds (median over classes; at most 0.13) on it, `fm-clean-cnn-s1` and
+    `fm-clean-res-s1`. The floor, about twice that noise, makes that run's index 1.69. On the
+    Fashion-MNIST zoo (build of 2026-12-05, seed 0) the smallest MAD of a model's metrics is
+    0.106, so no index there changes; the signs zoo was not rerun with it."""
     statistics = tabor_statistics(detector, model, data, triggers, mask_l1, slots, s, bf16)
-    return mad_anomaly_index(statistics["tabor_metric"], tail="low"), statistics
+    return tabor_anomaly_index(statistics["tabor_metric"], s), statistics
+
+
+def tabor_anomaly_index(metric: np.ndarray, s: TaborSettings) -> np.ndarray:
+    """MAD on the low tail of the eq. (5) metrics, the MAD floored at `s.metric_mad_floor`."""
+    return mad_anomaly_index(metric, tail="low", min_mad=s.metric_mad_floor)
 
 
 def tabor_statistics(detector: Detector, model: torch.nn.Module, data: CleanData,
