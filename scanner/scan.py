@@ -146,6 +146,9 @@ class ScanResult:
     errors: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
+    # torch's intra-op threads: they change the rounding, which can move an anomaly index
+    # (README, "Scanning a model"), so a rerun that should reproduce a verdict needs the same
+    threads: int = field(default_factory=torch.get_num_threads)
     artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. registry name/version, ground truth
@@ -171,6 +174,7 @@ class ScanResult:
             "detectors": detectors,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "device": self.device,
+            "threads": self.threads,
             "versions": package_versions(),
             **self.extra,
         }

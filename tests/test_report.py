@@ -80,6 +80,7 @@ def test_infected_report_content(reports):
     for reason in result["reasons"]:
         assert reason in html
     assert result["model"]["sha256"] in html and result["versions"]["torch"] in html
+    assert f"cpu, {result['threads']} CPU thread" in html  # the thread count changes the rounding
     assert html.count('<svg class="chart"') == 2
     for kind in ("restored mask", "clean image with the trigger stamped", "refined (pruned) mask", "saliency heatmap"):
         assert f'alt="{kind}"' in html, kind
