@@ -33,16 +33,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.results_file import markdown_table, write_results  # noqa: E402
 from benchmarks.unlearning import restore  # noqa: E402
 from scanner.anomaly import flag, mad_anomaly_index  # noqa: E402
+from scanner.detectors.tabor import TaborSettings, tabor_anomaly_index  # noqa: E402
 from scanner.zoo import load_manifest  # noqa: E402
 
 RULES = ("eq5", "mad_log_l1", "mad_l1")
 
 
-def rule_flags(statistics: dict[str, np.ndarray], threshold: float) -> dict[str, list[int]]:
-    """The classes each rule flags on one model's TABOR statistics."""
+def rule_flags(statistics: dict[str, np.ndarray], settings: TaborSettings) -> dict[str, list[int]]:
+    """The classes each rule flags on one model's TABOR statistics: eq. (5) exactly as the detector
+    indexes it (its MAD floor included), the two alternatives with the bare MAD."""
     l1 = statistics["mask_l1"]
-    values = {"eq5": statistics["tabor_metric"], "mad_log_l1": np.log(l1), "mad_l1": l1}
-    return {rule: flag(mad_anomaly_index(values[rule], tail="low"), threshold) for rule in RULES}
+    indices = {"eq5": tabor_anomaly_index(statistics["tabor_metric"], settings),
+               "mad_log_l1": mad_anomaly_index(np.log(l1), tail="low"),
+               "mad_l1": mad_anomaly_index(l1, tail="low")}
+    return {rule: flag(indices[rule], settings.threshold) for rule in RULES}
 
 
 def model_row(zoo: Path, entry: dict) -> dict:
@@ -50,7 +54,7 @@ def model_row(zoo: Path, entry: dict) -> dict:
     detector = json.loads(restore(zoo, entry).read_text())["detectors"]["tabor"]
     statistics = {k: np.asarray(v, dtype=np.float64) for k, v in detector["statistics"].items()}
     targets = sorted({int(t["target"]) for t in entry["ground_truth"]}) if entry["trojaned"] else []
-    flags = rule_flags(statistics, detector["settings"]["threshold"])
+    flags = rule_flags(statistics, TaborSettings(**detector["settings"]))
     if flags["eq5"] != detector["flagged_classes"]:
         raise SystemExit(f"{entry['id']}: eq. (5) recomputed flags {flags['eq5']}, the scan flagged "
                          f"{detector['flagged_classes']}")
