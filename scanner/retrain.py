@@ -19,6 +19,7 @@ the source version's scan data, which its run logs as `clean_samples.npz`.
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,8 +57,9 @@ def patch_version(registry: Registry, policy: Policy, name: str, version: str, w
     folder = Path(workdir) / f"unlearn-{name}-v{version}-{uuid.uuid4().hex[:8]}"
     downloaded = registry.download_model(info, folder / "model", allow_pickle=model_policy.allow_pickle)
     scan_dir = folder / "scan"
-    registry.download_run_artifact(info.tags[SCAN_RUN_ID], "result.json", scan_dir)
-    registry.download_run_artifact(info.tags[SCAN_RUN_ID], "triggers", scan_dir)
+    scanned = json.loads(registry.download_run_artifact(info.tags[SCAN_RUN_ID], "result.json", scan_dir).read_text())
+    if _lists_restored_triggers(scanned):  # a NeuronInspect-only scan has none: the patch restores them
+        registry.download_run_artifact(info.tags[SCAN_RUN_ID], "triggers", scan_dir)
     data_path, data_reference = registry.resolve_clean_data(info, model_policy.clean_data, folder / "data")
     unlearn_path, unlearn_reference = data_path, data_reference
     if model_policy.unlearn_data:  # a larger set for the fine-tune; the patched version is scanned on data_path
@@ -81,6 +83,11 @@ def patch_version(registry: Registry, policy: Policy, name: str, version: str, w
                                           STATUS: "pending"})  # status last
     registry.set_tags(name, version, {UNLEARN_STATUS: f"{utc_now()} patched as v{new_version} (run {run_id})"})
     return outcome
+
+
+def _lists_restored_triggers(result: dict[str, Any]) -> bool:
+    return any("mask_npy" in files for detector in result.get("detectors", {}).values()
+               for files in detector.get("artifacts", {}).values())
 
 
 def _log_and_register(registry: Registry, experiment: str, info: VersionInfo, patched_file: Path, data_path: Path,

@@ -107,6 +107,11 @@ Choices, all in `UnlearnSettings` unless said otherwise:
   on 20/20 (bound max 0.71). On the demo's 400 fine-tune images it neither costs nor saves CA
   measurably: seeds 0-4, CA drop on 100 held-out images 0.0-8.0 points (mean 3.0) against
   -3.0-8.0 (mean 3.2) without it.
+- **Flags without a restored trigger** (our addition): NeuronInspect flags a class but restores
+  nothing, so a scan infected by its flag alone left the patch nothing to unlearn (the unlearn
+  flow failed for it). Such a class now gets a trigger restored at patch time with TABOR's
+  restoration (`restore_missing_triggers`); it is unlearned like a scan's own, and the unlearning
+  JSON records it under `restored_for_patch`.
 - **Not done: weight averaging.** Keeping each round's mean of the five epochs' end weights
   (stochastic weight averaging) instead of the chosen epoch was tried on fm-multi-one-target,
   fm-checker8-bl and fm-res-checker6-tl (seed 0): true-trigger ASR after 7.40 / 2.98 / 3.59%
@@ -182,6 +187,7 @@ from scanner.errors import DataError, ModelLoadError, TrojanScanError
 from scanner.metrics import AccuracyDrop, paired_accuracy_drop
 
 REROUND_MASK_GROWTH = 3.0  # see "Rounds" above
+MISSING_TRIGGER_ATTACK_SUCCESS = 0.9  # see restore_missing_triggers
 EXPORT_TOLERANCE = 1e-3  # absolute on logits, scaled by max(1, largest |logit|), as the ONNX load check
 
 
@@ -290,6 +296,8 @@ class UnlearnResult:
     # per round: its fine-tune (epoch kept, validation errors); from round 2 also what was restored again
     rounds: list[dict[str, Any]] = field(default_factory=list)
     output: dict[str, Any] = field(default_factory=dict)  # path, format, sha256, export check
+    # triggers restored at patch time for flagged classes the scan restored none for
+    restored_for_patch: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -306,6 +314,7 @@ class UnlearnResult:
             "ca_drop_bound": self.ca_drop.to_json(),
             "seconds": round(self.seconds, 3),
             "output": self.output,
+            **({"restored_for_patch": self.restored_for_patch} if self.restored_for_patch else {}),
         }
 
 
@@ -314,10 +323,10 @@ class UnlearnResult:
 
 def load_restored_triggers(result_path: str | Path) -> tuple[list[PatchTrigger], dict[str, Any]]:
     """The restored triggers of every flagged class of every restoring detector in a scan's
-    result JSON (arrays read from the `.npy` artifacts beside it). Returns them and the JSON.
+    result JSON (arrays read from the `.npy` artifacts beside it). Returns them and the JSON;
+    the list is empty when only a detector that restores nothing (NeuronInspect) flagged.
 
-    Raises DataError when the file is missing or unreadable, the verdict is not `infected`, or no
-    flagged class has a restored mask and pattern."""
+    Raises DataError when the file is missing or unreadable or the verdict is not `infected`."""
     path = Path(result_path)
     if not path.is_file():
         raise DataError(f"scan result not found: {path}")
@@ -339,10 +348,52 @@ def load_restored_triggers(result_path: str | Path) -> tuple[list[PatchTrigger],
             mask = _load_array(path.parent / files["mask_npy"])
             pattern = _load_array(path.parent / files["pattern_npy"])
             triggers.append(PatchTrigger(target=int(k), mask=mask, pattern=pattern, source=f"{name} class {k}"))
-    if not triggers:
-        raise DataError(f"scan result {path} has no restored trigger for a flagged class "
-                        "(run a restoring detector: tabor, nc or ncpp)")
     return triggers, result
+
+
+def flagged_without_trigger(result: dict[str, Any], triggers: list[PatchTrigger]) -> dict[int, list[str]]:
+    """The classes some detector of the result flagged that no restored trigger targets, each
+    with the detectors that flagged it (NeuronInspect flags a class without restoring its
+    trigger, and a class may be flagged by it alone while TABOR flagged another)."""
+    restored = {t.target for t in triggers}
+    missing: dict[int, list[str]] = {}
+    for name, detector in sorted(result.get("detectors", {}).items()):
+        for k in detector.get("flagged_classes", []):
+            if int(k) not in restored:
+                missing.setdefault(int(k), []).append(name)
+    return dict(sorted(missing.items()))
+
+
+def restore_missing_triggers(module: nn.Module, data: CleanData, flagged_by: dict[int, list[str]],
+                             seed: int) -> tuple[list[PatchTrigger], dict[str, Any]]:
+    """Restore a trigger for each flagged class that has none, so it can be unlearned too.
+
+    Choice: TABOR's restoration with its default settings (the detector a default scan runs),
+    on the clean data the patch fine-tunes on. A class counts as restored when its trigger sends
+    at least MISSING_TRIGGER_ATTACK_SUCCESS of the other classes' clean images to it (the
+    restoration aims at 0.99 on its batches; measured on all the data it lands a little lower).
+    There is no size limit, as there is no scan of this class to compare with: a flag on a class
+    with no small trigger gets a large one, which the fine-tune then teaches the model to ignore
+    (what it costs shows in the CA drop the gate checks). Returns the triggers found and a report
+    per class."""
+    from scanner.detectors.tabor import Tabor
+
+    tabor = Tabor(seed=seed, device="cpu")
+    with torch.no_grad():
+        num_classes = int(module(torch.from_numpy(data.x[:1])).shape[1])
+    restored, _, notes = tabor.restore_classes(module, data, num_classes, list(flagged_by))
+    found, report = [], {"detector": "tabor", "attack_success_required": MISSING_TRIGGER_ATTACK_SUCCESS,
+                         "steps": notes.get("steps"), "classes": {}}
+    for k, trigger in sorted(restored.items()):
+        kept = trigger.attack_success >= MISSING_TRIGGER_ATTACK_SUCCESS
+        report["classes"][str(k)] = {"flagged_by": flagged_by[k], "mask_l1": float(trigger.mask.sum()),
+                                     "attack_success": float(trigger.attack_success), "kept": kept}
+        if kept:
+            found.append(PatchTrigger(target=k, mask=np.ascontiguousarray(trigger.mask, dtype=np.float32),
+                                      pattern=np.ascontiguousarray(trigger.pattern, dtype=np.float32),
+                                      source=f"tabor class {k}, restored for the patch (flagged by "
+                                             f"{', '.join(flagged_by[k])})"))
+    return found, report
 
 
 def _load_array(path: Path) -> np.ndarray:
@@ -634,8 +685,10 @@ def unlearn_files(model_path: str | Path, data: str | Path | CleanData, result_p
     of a scan's result JSON, unlearn, write the patched model in the input's format to
     `out_path` and check it. The normalisation defaults to the one the scan recorded.
 
-    Raises TrojanScanError subclasses (exit 2) on bad input: missing files, a result that is not
-    infected or restored nothing, a result of another model file, shapes that do not fit."""
+    A flagged class with no restored trigger in the result (a NeuronInspect flag) gets one
+    restored here (`restore_missing_triggers`). Raises TrojanScanError subclasses (exit 2) on bad
+    input: missing files, a result that is not infected, no trigger restored or restorable, a
+    result of another model file, shapes that do not fit."""
     from scanner.model_io import FORMAT_ONNX, FORMAT_PT2, load_model
 
     triggers, result = load_restored_triggers(result_path)
@@ -653,8 +706,17 @@ def unlearn_files(model_path: str | Path, data: str | Path | CleanData, result_p
     clean.check_fits(num_classes, loaded.input_shape)
     if evaluation is not None:
         evaluation.check_fits(num_classes, clean.image_shape)
+    missing = flagged_without_trigger(result, triggers)
+    restored_here: dict[str, Any] = {}
+    if missing:
+        found, restored_here = restore_missing_triggers(loaded.module, clean, missing, (settings or UnlearnSettings()).seed)
+        triggers += found
+    if not triggers:
+        raise DataError(f"scan result {result_path} flags {list(missing) or 'no class'} but no trigger restores "
+                        f"for it (attack success below {MISSING_TRIGGER_ATTACK_SUCCESS:g}); nothing to unlearn")
     check_triggers(triggers, clean.image_shape, num_classes)
     outcome = unlearn(loaded.module, clean, triggers, settings, evaluation=evaluation, true_triggers=true_triggers)
+    outcome.restored_for_patch = restored_here
     check_x = (evaluation if evaluation is not None else clean).x[:64]
     outcome.output = export_patched(outcome.module, loaded.format, out_path, clean.image_shape, check_x)
     outcome.output["source"] = {"path": str(model_path), "sha256": loaded.sha256, "result": str(result_path)}

@@ -29,6 +29,7 @@ models:
   patch-wait: {auto_promote_patched: false, unlearn: {validation_min_images: 5000}}  # no effect on 400 images
   patch-bound: {auto_promote_patched: true, ca_drop_check: upper_bound}
   patch-more-data: {unlearn_data: UNLEARN_DATA}
+  patch-ni: {detectors: [ni], threshold: 2}
 """
 MORE_DATA_IMAGES = 1000  # Fashion-MNIST training images, twice the smoke zoo's clean samples
 
@@ -42,7 +43,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, fm_smoke_zoo: tuple[Path, di
     uri = local_store(root)
     trojan = next(m for m in manifest["models"] if m["trojaned"])
     versions = {name: register_onnx(zoo_dir / trojan["files"]["onnx"]["path"], zoo_dir / "clean_samples.npz", name)
-                for name in ("patch-promote", "patch-wait", "patch-bound", "patch-more-data")}
+                for name in ("patch-promote", "patch-wait", "patch-bound", "patch-more-data", "patch-ni")}
     from scanner.fashion_mnist import load_fashion_mnist
 
     load_fashion_mnist("train").subset(slice(0, MORE_DATA_IMAGES)).save_npz(root / "more.npz")
@@ -179,3 +180,26 @@ def test_an_infected_rescan_of_a_patched_version_says_what_it_flags_against_its_
     assert outcome.reasons[-1].startswith(f"not promoted, not patched again: patched from v{source} (flagged [7]); "
                                           "this scan flags [6, 7]: [7] still, [6] new")
     assert registry.alias_version("patch-wait", "champion") is None
+
+
+def test_a_version_flagged_by_neuron_inspect_alone_is_patched_with_a_trigger_restored_for_it(
+        store: dict[str, Any]) -> None:
+    """NeuronInspect restores no trigger, so the scan run has none to download: the patch
+    restores the flagged class's trigger itself, unlearns it and registers the patched version."""
+    from scanner.gate import scan_version
+    from scanner.retrain import patch_version
+
+    name, root = "patch-ni", store["root"]
+    registry = Registry(store["uri"])
+    version = store["versions"][name]
+    registry.set_alias(name, "candidate", version)
+    blocked = scan_version(registry, store["policy"], name, version, root / "work")
+    assert (blocked.status, blocked.flagged_classes, blocked.unlearn) == ("infected", [7], True), blocked.reasons
+    assert not registry.run_has_artifact(blocked.scan_run_id, "triggers")
+    patched = patch_version(registry, store["policy"], name, version, root / "work")
+    assert patched.metrics["asr_restored_after"] < 0.2 <= patched.metrics["asr_restored_before"]
+    logged = json.loads(Path(registry.download_run_artifact(patched.unlearn_run_id, "unlearning.json",
+                                                            root / "ni-logged")).read_text())
+    assert logged["restored_for_patch"]["classes"]["7"]["kept"]
+    assert logged["triggers"][0]["target"] == 7 and "flagged by ni" in logged["triggers"][0]["source"]
+    assert registry.get_version(name, patched.patched_version).tags["trojanscan.patched_from"] == version

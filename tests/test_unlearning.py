@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from scanner import attacks
+from scanner import attacks, unlearning
 from scanner.data import CleanData
 from scanner.errors import DataError
 from scanner.fashion_mnist import load_fashion_mnist
@@ -32,6 +32,7 @@ from scanner.unlearning import (
     dilated,
     export_patched,
     fine_tune,
+    flagged_without_trigger,
     load_restored_triggers,
     noise_patched,
     restore_again,
@@ -361,3 +362,59 @@ def test_a_restored_trigger_that_does_not_fit_is_refused(smoke, tmp_path):
     bad.write_text(json.dumps(result))
     with pytest.raises(DataError, match="mask"):
         unlearn_files(zoo / trojan["files"]["onnx"]["path"], test.subset(slice(0, 200)), bad, tmp_path / "x.onnx")
+
+
+def neuron_inspect_only_result(smoke, out: Path) -> Path:
+    """The smoke trojan's result JSON as a scan with NeuronInspect alone writes it: infected,
+    the target flagged, and no restored trigger."""
+    zoo, trojan, _, _ = smoke
+    target = trojan["targets"][0]
+    clean = CleanData.load_npz(zoo / "clean_samples.npz")
+    sha256 = load_model(zoo / trojan["files"]["onnx"]["path"], check_data=clean.x[:8]).sha256
+    index = np.zeros(10)
+    index[target] = 3.0
+    detection = DetectionResult(detector="ni", anomaly_index=index, flagged_classes=[target], statistics={},
+                                settings={}, seed=0, seconds=0.0)
+    result = ScanResult(model={"reference": "smoke trojan", "sha256": sha256, "normalization": None},
+                        data={"reference": "clean_samples.npz"}, settings=ScanSettings(detectors=("ni",)),
+                        detections={"ni": detection}, verdict="infected", reasons=[f"ni flags class {target}"])
+    out.mkdir(parents=True, exist_ok=True)
+    save_artifacts(result, clean, out)
+    (out / "result.json").write_text(json.dumps(result.to_json()))
+    return out / "result.json"
+
+
+def test_flagged_classes_without_a_restored_trigger_are_listed_with_their_detectors():
+    result = {"detectors": {"ni": {"flagged_classes": [3, 7]}, "tabor": {"flagged_classes": [7]},
+                            "nc": {"flagged_classes": [3, 5]}}}
+    triggers = [PatchTrigger(target=7, mask=np.zeros((2, 2)), pattern=np.zeros((1, 2, 2)))]
+    assert flagged_without_trigger(result, triggers) == {3: ["nc", "ni"], 5: ["nc"]}
+    assert flagged_without_trigger(result, triggers + [PatchTrigger(3, triggers[0].mask, triggers[0].pattern),
+                                                       PatchTrigger(5, triggers[0].mask, triggers[0].pattern)]) == {}
+
+
+def test_a_neuron_inspect_flag_gets_its_trigger_restored_and_unlearned(smoke, tmp_path):
+    zoo, trojan, _, test = smoke
+    target = trojan["targets"][0]
+    result_json = neuron_inspect_only_result(smoke, tmp_path / "scan")
+    assert load_restored_triggers(result_json)[0] == []  # the scan itself restored nothing
+    train, evaluation = finetune_and_evaluation(test)
+    outcome = unlearn_files(zoo / trojan["files"]["onnx"]["path"], train, result_json, tmp_path / "patched.onnx",
+                            SETTINGS, evaluation=evaluation, true_triggers=true_triggers(trojan))
+    restored = outcome.to_json()["restored_for_patch"]["classes"][str(target)]
+    assert restored["kept"] and restored["flagged_by"] == ["ni"], restored
+    assert restored["attack_success"] >= unlearning.MISSING_TRIGGER_ATTACK_SUCCESS
+    assert outcome.triggers[0].target == target and "restored for the patch" in outcome.triggers[0].source
+    assert outcome.before.max_asr_true >= 0.9
+    assert outcome.after.max_asr_true <= 0.1, outcome.to_json()
+    assert outcome.after.clean_accuracy >= outcome.before.clean_accuracy - 0.02
+
+
+def test_a_flag_whose_trigger_cannot_be_restored_is_an_error_and_writes_nothing(smoke, tmp_path, monkeypatch):
+    zoo, trojan, _, test = smoke
+    result_json = neuron_inspect_only_result(smoke, tmp_path / "scan")
+    monkeypatch.setattr(unlearning, "MISSING_TRIGGER_ATTACK_SUCCESS", 1.01)  # no trigger can reach it
+    with pytest.raises(DataError, match="no trigger restores"):
+        unlearn_files(zoo / trojan["files"]["onnx"]["path"], test.subset(slice(0, 300)), result_json,
+                      tmp_path / "patched.onnx", SETTINGS)
+    assert not (tmp_path / "patched.onnx").exists()
