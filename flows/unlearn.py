@@ -10,6 +10,7 @@ from prefect import flow, get_run_logger
 from prefect.states import Failed
 
 from flows.config import FlowConfig
+from flows.reporting import PrefectReporter
 from flows.scan_version import scan_model_version
 from scanner.errors import TrojanScanError
 from scanner.registry import utc_now
@@ -22,7 +23,8 @@ def unlearn_retrain(name: str, version: str) -> Any:
     config = FlowConfig()
     registry, policy = config.registry(), config.load_policy()
     try:
-        patched = patch_version(registry, policy, name, version, config.workdir)
+        reporter = PrefectReporter("unlearn", name, f"v{version}")  # a progress artifact while fine-tuning
+        patched = patch_version(registry, policy, name, version, config.workdir, progress=reporter.progress)
     except TrojanScanError as error:
         registry.set_tags(name, version, {UNLEARN_STATUS: f"{utc_now()} failed: {error}"})
         return Failed(message=f"unlearning failed: {error}")

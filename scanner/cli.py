@@ -471,8 +471,18 @@ def unlearn(
         settings = UnlearnSettings(seed=seed, **{k: v for k, v in given.items() if v is not None})
     except ValueError as error:
         usage(" ".join(str(error).split())[:200])
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                   console=Console(stderr=True), transient=True)
+    task = bar.add_task("loading", total=100)
+
+    def progress(fraction: float, text: str) -> None:
+        bar.update(task, completed=100 * fraction, description=text)
+
     try:
-        outcome = unlearn_files(model, data, result, out, settings)
+        with bar:
+            outcome = unlearn_files(model, data, result, out, settings, progress=progress)
     except TrojanScanError as error:
         fail(error)
     before, after = outcome.before, outcome.after

@@ -23,12 +23,15 @@ import json
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scanner.errors import TrojanScanError
 from scanner.policy import Policy
 from scanner.registry import (CA_DROP, CA_DROP_BOUND, PATCHED_FROM, SCAN_RUN_ID, STATUS, UNLEARN_RUN_ID, Registry,
                               VersionInfo, utc_now)
+
+if TYPE_CHECKING:  # scanner.unlearning imports torch: loaded when a patch runs, not with the flows
+    from scanner.unlearning import Progress
 
 UNLEARN_STATUS = "trojanscan.unlearn"
 
@@ -43,9 +46,11 @@ class PatchOutcome:
     error: str | None = None
 
 
-def patch_version(registry: Registry, policy: Policy, name: str, version: str, workdir: str | Path) -> PatchOutcome:
-    """Unlearn the restored triggers of an infected version and register the patched model.
-    Raises TrojanScanError (recorded on the source version as `trojanscan.unlearn`) on failure."""
+def patch_version(registry: Registry, policy: Policy, name: str, version: str, workdir: str | Path,
+                  progress: Progress | None = None) -> PatchOutcome:
+    """Unlearn the restored triggers of an infected version and register the patched model;
+    `progress(fraction, text)` follows the fine-tune. Raises TrojanScanError (recorded on the
+    source version as `trojanscan.unlearn`) on failure."""
     from scanner.unlearning import unlearn_files
 
     outcome = PatchOutcome(name=name, source_version=str(version))
@@ -68,7 +73,7 @@ def patch_version(registry: Registry, policy: Policy, name: str, version: str, w
     suffix = ".onnx" if downloaded.flavor == "onnx" else ".pt2"
     patched_file = folder / f"patched{suffix}"
     result = unlearn_files(downloaded.model_file, unlearn_path, scan_dir / "result.json", patched_file,
-                           model_policy.unlearn, normalization=model_policy.normalization)
+                           model_policy.unlearn, normalization=model_policy.normalization, progress=progress)
     ca_drop = result.ca_drop.drop
     outcome.metrics = {"ca_before": result.before.clean_accuracy, "ca_after": result.after.clean_accuracy,
                        "asr_restored_before": result.before.max_asr_restored,

@@ -170,6 +170,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -187,6 +188,7 @@ from scanner.errors import DataError, ModelLoadError, TrojanScanError
 from scanner.metrics import AccuracyDrop, paired_accuracy_drop
 
 REROUND_MASK_GROWTH = 3.0  # see "Rounds" above
+Progress = Callable[[float, str], None]  # (fraction done, what is happening), as the gate's Reporter.progress
 MISSING_TRIGGER_ATTACK_SUCCESS = 0.9  # see restore_missing_triggers
 EXPORT_TOLERANCE = 1e-3  # absolute on logits, scaled by max(1, largest |logit|), as the ONNX load check
 
@@ -482,12 +484,14 @@ def validation_error(module: nn.Module, validation: CleanData, triggers: list[Pa
 
 
 def fine_tune(module: nn.Module, data: CleanData, triggers: list[PatchTrigger], settings: UnlearnSettings,
-              validation: CleanData | None = None) -> tuple[nn.Module, dict[str, Any]]:
+              validation: CleanData | None = None,
+              epoch_done: Callable[[int], None] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """A patched copy of `module`: Adam on cross-entropy, `share` of each batch stamped with a
     restored trigger (drawn per image) and `noise_patches` of it with a noise square, every image
     labelled with its true class. The copy stays in eval mode and is returned with frozen
     weights, with a report of the epochs. With `validation`, the weights kept are those of the
-    epoch with the lowest `validation_error` (the later on a tie)."""
+    epoch with the lowest `validation_error` (the later on a tie). `epoch_done(epoch)` is called
+    after each epoch (progress)."""
     patched = copy.deepcopy(module)
     params = [p for p in patched.parameters() if p.is_floating_point()]
     if not params:
@@ -530,6 +534,8 @@ def fine_tune(module: nn.Module, data: CleanData, triggers: list[PatchTrigger], 
                 errors.append(validation_error(patched, validation, triggers))
                 if errors[-1] <= min(errors):
                     best_epoch, best_weights = epoch, [p.detach().clone() for p in params]
+        if epoch_done is not None:
+            epoch_done(epoch)
     for p in params:
         p.requires_grad_(False)
     if best_epoch < settings.epochs:  # an earlier epoch was better: its weights come back
@@ -558,12 +564,23 @@ def noise_patched(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def unlearn(module: nn.Module, data: CleanData, triggers: list[PatchTrigger],
             settings: UnlearnSettings | None = None, *, evaluation: CleanData | None = None,
-            true_triggers: list[TrueTrigger] | None = None) -> UnlearnResult:
+            true_triggers: list[TrueTrigger] | None = None, progress: Progress | None = None) -> UnlearnResult:
     """Patch `module` (pixel space, e.g. `LoadedModel.module`; left untouched) by fine-tuning on
     `data` with `triggers` stamped on a share of it. CA/ASR are measured before and after on
     `evaluation` when given (then all of `data` is fine-tuned on), else on a held-out share of
-    `data` (`settings.held_out` per class)."""
+    `data` (`settings.held_out` per class). `progress(fraction, text)` hears of every epoch and
+    every restoration round; the fraction counts epochs out of all rounds' (a patch whose later
+    rounds find nothing to unlearn jumps to the end)."""
     settings = settings or UnlearnSettings()
+    tell = progress or (lambda fraction, text: None)
+    total_epochs = settings.rounds * settings.epochs
+
+    def epochs_of(round_number: int) -> Callable[[int], None]:
+        def epoch_done(epoch: int) -> None:
+            done = (round_number - 1) * settings.epochs + epoch
+            tell(done / total_epochs, f"round {round_number}/{settings.rounds}: epoch {epoch}/{settings.epochs}")
+        return epoch_done
+
     started = time.perf_counter()
     if settings.dilate:
         triggers = [dilated(t, settings.dilate) for t in triggers]
@@ -575,9 +592,12 @@ def unlearn(module: nn.Module, data: CleanData, triggers: list[PatchTrigger],
     validation = None
     if settings.validation > 0 and settings.validation * len(train) >= settings.validation_min_images:
         train, validation = split_held_out(train, settings.validation, settings.seed + 1)
-    patched, epochs = fine_tune(module, train, triggers, settings, validation)
+    tell(0.0, f"round 1/{settings.rounds}: fine-tuning on {len(train)} images")
+    patched, epochs = fine_tune(module, train, triggers, settings, validation, epochs_of(1))
     used, rounds = list(triggers), [{"round": 1, **epochs}]
     for round_number in range(2, settings.rounds + 1):
+        tell((round_number - 1) / settings.rounds, f"round {round_number}/{settings.rounds}: restoring the "
+               "triggers again on the patched model")
         found = []
         for attack_success in settings.reround_attack_success:
             kept, report = restore_again(patched, train, used, round_number, settings.seed,
@@ -587,8 +607,9 @@ def unlearn(module: nn.Module, data: CleanData, triggers: list[PatchTrigger],
         if not found:
             break
         used += found
-        patched, epochs = fine_tune(patched, train, used, settings, validation)
+        patched, epochs = fine_tune(patched, train, used, settings, validation, epochs_of(round_number))
         rounds.append({"round": round_number, **epochs})
+    tell(1.0, f"measuring CA and ASR before and after on {len(held)} images")
     before = measure(module, held, used, true_triggers)
     after = measure(patched, held, used, true_triggers)
     return UnlearnResult(module=patched, before=before, after=after, settings=settings, triggers=used,
@@ -680,7 +701,8 @@ def export_patched(module: nn.Module, model_format: str, path: str | Path, image
 def unlearn_files(model_path: str | Path, data: str | Path | CleanData, result_path: str | Path,
                   out_path: str | Path, settings: UnlearnSettings | None = None, *,
                   evaluation: CleanData | None = None, true_triggers: list[TrueTrigger] | None = None,
-                  normalization: tuple[list[float], list[float]] | None = None) -> UnlearnResult:
+                  normalization: tuple[list[float], list[float]] | None = None,
+                  progress: Progress | None = None) -> UnlearnResult:
     """The whole patch: load the model (ONNX or pt2) and clean data, read the restored triggers
     of a scan's result JSON, unlearn, write the patched model in the input's format to
     `out_path` and check it. The normalisation defaults to the one the scan recorded.
@@ -709,13 +731,16 @@ def unlearn_files(model_path: str | Path, data: str | Path | CleanData, result_p
     missing = flagged_without_trigger(result, triggers)
     restored_here: dict[str, Any] = {}
     if missing:
+        if progress is not None:
+            progress(0.0, f"restoring a trigger for flagged class(es) {list(missing)}")
         found, restored_here = restore_missing_triggers(loaded.module, clean, missing, (settings or UnlearnSettings()).seed)
         triggers += found
     if not triggers:
         raise DataError(f"scan result {result_path} flags {list(missing) or 'no class'} but no trigger restores "
                         f"for it (attack success below {MISSING_TRIGGER_ATTACK_SUCCESS:g}); nothing to unlearn")
     check_triggers(triggers, clean.image_shape, num_classes)
-    outcome = unlearn(loaded.module, clean, triggers, settings, evaluation=evaluation, true_triggers=true_triggers)
+    outcome = unlearn(loaded.module, clean, triggers, settings, evaluation=evaluation, true_triggers=true_triggers,
+                      progress=progress)
     outcome.restored_for_patch = restored_here
     check_x = (evaluation if evaluation is not None else clean).x[:64]
     outcome.output = export_patched(outcome.module, loaded.format, out_path, clean.image_shape, check_x)

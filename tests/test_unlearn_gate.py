@@ -196,8 +196,13 @@ def test_a_version_flagged_by_neuron_inspect_alone_is_patched_with_a_trigger_res
     blocked = scan_version(registry, store["policy"], name, version, root / "work")
     assert (blocked.status, blocked.flagged_classes, blocked.unlearn) == ("infected", [7], True), blocked.reasons
     assert not registry.run_has_artifact(blocked.scan_run_id, "triggers")
-    patched = patch_version(registry, store["policy"], name, version, root / "work")
+    heard: list[tuple[float, str]] = []  # what the unlearn flow shows as its progress artifact
+    patched = patch_version(registry, store["policy"], name, version, root / "work",
+                            progress=lambda fraction, text: heard.append((fraction, text)))
     assert patched.metrics["asr_restored_after"] < 0.2 <= patched.metrics["asr_restored_before"]
+    assert heard[0] == (0.0, "restoring a trigger for flagged class(es) [7]")
+    assert [f for f, _ in heard] == sorted(f for f, _ in heard) and heard[-1][0] == 1.0
+    assert any(text.startswith("round 1/") and "epoch 1/" in text for _, text in heard)
     logged = json.loads(Path(registry.download_run_artifact(patched.unlearn_run_id, "unlearning.json",
                                                             root / "ni-logged")).read_text())
     assert logged["restored_for_patch"]["classes"]["7"]["kept"]

@@ -175,8 +175,10 @@ def test_two_rounds_report_the_second_and_measure_every_trigger_used(smoke):
     train, evaluation = finetune_and_evaluation(test)
     triggers, _ = load_restored_triggers(result_json)
     loaded = load_model(zoo / trojan["files"]["onnx"]["path"], check_data=train.x[:8])
+    heard: list[tuple[float, str]] = []
     outcome = unlearn(loaded.module, train, triggers, SETTINGS.model_copy(update={"rounds": 2}),
-                      evaluation=evaluation, true_triggers=true_triggers(trojan))
+                      evaluation=evaluation, true_triggers=true_triggers(trojan),
+                      progress=lambda fraction, text: heard.append((fraction, text)))
     restorations = [r for r in outcome.rounds if "attack_success_required" in r]
     # round 2 restores once per required attack success (0.99, then 0.5)
     assert [(r["round"], r["attack_success_required"]) for r in restorations] == [(2, 0.99), (2, 0.5)]
@@ -189,6 +191,13 @@ def test_two_rounds_report_the_second_and_measure_every_trigger_used(smoke):
     assert len(outcome.before.asr_restored) == len(outcome.after.asr_restored) == len(outcome.triggers)
     assert outcome.after.max_asr_true <= 0.1 and outcome.after.clean_accuracy >= outcome.before.clean_accuracy - 0.02
     assert outcome.to_json()["rounds"] == outcome.rounds
+    # progress: every epoch of every round run, out of 2 rounds x 3 epochs, then the measurement
+    fractions = [fraction for fraction, _ in heard]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    epochs_heard = [(fraction, text) for fraction, text in heard if "epoch" in text]
+    assert epochs_heard[:3] == [(e / 6, f"round 1/2: epoch {e}/3") for e in (1, 2, 3)]
+    assert len(epochs_heard) == 3 * len(fine_tunes)
+    assert any("restoring the triggers again" in text for _, text in heard)
 
 
 def test_validation_keeps_the_weights_of_the_epoch_with_the_lowest_error(smoke):
