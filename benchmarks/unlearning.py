@@ -1,6 +1,6 @@
 """Patching (unlearning) over the trojaned zoo models: CA and ASR before and after, true trigger.
 
-    python benchmarks/unlearning.py [--zoo zoo/fashion-mnist] [--models ID,...] [--restore-only]
+    python benchmarks/unlearning.py [--zoo zoo/fashion-mnist] [--models ID,...] [--restore-only] [--scan-with tabor|ni]
                                     [--epochs N --share S --lr LR --validation V --finetune-images N] [--jobs N] [--name unlearning]
 
 For every trojaned model of the zoo:
@@ -10,6 +10,9 @@ For every trojaned model of the zoo:
    triggers are cached under `<zoo>/unlearning-scans/<model>-tabor-<key>/`, keyed by the model's
    sha256 and the scan settings. The detection benchmark's cache (`<zoo>/scans/`) keeps only
    table rows, no masks or patterns, so it cannot be reused.
+   `--scan-with ni` scans with NeuronInspect instead, which restores nothing: the classes it
+   flags get their triggers restored at patch time (`restore_missing_triggers`, as
+   `unlearn_files` does in the product).
 2. Patching: `scanner.unlearning.unlearn_files` on the ONNX file with the restored trigger(s) of
    the classes TABOR flagged (whatever it restored: a wrong extra class or a partial mask is
    used as it is, as a user would), the output written as ONNX again.
@@ -50,8 +53,10 @@ from scanner.unlearning import (  # noqa: E402
     TrueTrigger,
     UnlearnSettings,
     export_patched,
+    flagged_without_trigger,
     load_restored_triggers,
     measure,
+    restore_missing_triggers,
     unlearn,
 )
 from scanner.zoo import load_manifest, load_zoo_data  # noqa: E402
@@ -69,12 +74,13 @@ def restoration_dir(zoo: Path, entry: dict, settings: ScanSettings) -> Path:
                                                                   "detector_settings")}
     payload = json.dumps({"model": entry["files"]["onnx"]["sha256"], "settings": decisive}, sort_keys=True)
     key = hashlib.sha256(payload.encode()).hexdigest()[:16]
-    return zoo / "unlearning-scans" / f"{entry['id']}-tabor-{key}"
+    return zoo / "unlearning-scans" / f"{entry['id']}-{'-'.join(settings.detectors)}-{key}"
 
 
-def restore(zoo: Path, entry: dict) -> Path:
-    """TABOR scan of one zoo model with its artifacts saved (cached); returns the result JSON path."""
-    settings = ScanSettings(detectors=("tabor",), seed=RESTORE_SEED, device="cpu")
+def restore(zoo: Path, entry: dict, detector: str = "tabor") -> Path:
+    """The scan of one zoo model whose flags the patch follows (TABOR by default), artifacts saved
+    (cached); returns the result JSON path."""
+    settings = ScanSettings(detectors=(detector,), seed=RESTORE_SEED, device="cpu")
     folder = restoration_dir(zoo, entry, settings)
     result_path = folder / "result.json"
     if result_path.is_file():
@@ -82,25 +88,38 @@ def restore(zoo: Path, entry: dict) -> Path:
     started = time.perf_counter()
     result = scan_model(zoo / entry["files"]["onnx"]["path"], zoo / "clean_samples.npz", settings, out_dir=folder)
     result_path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
-    print(f"{entry['id']:28s} restored: flagged {result.flagged_classes}, {time.perf_counter() - started:.1f} s",
+    print(f"{entry['id']:28s} {detector}: flagged {result.flagged_classes}, {time.perf_counter() - started:.1f} s",
           flush=True)
     return result_path
 
 
-def patch_triggers(result_path: Path) -> tuple[list[PatchTrigger], str]:
-    """The restored triggers the product would unlearn: those of the flagged classes. A scan that
-    flagged nothing would not be patched by the product; to still measure patching, the benchmark
-    then uses the trigger of the class with the highest anomaly index and says so."""
+def patch_triggers(result_path: Path, module: torch.nn.Module, finetune: CleanData,
+                   seed: int) -> tuple[list[PatchTrigger], str]:
+    """The restored triggers the product would unlearn: those of the flagged classes, restored at
+    patch time (on the fine-tune images, as `unlearn_files`) for classes the scan restored none for
+    (a NeuronInspect flag). A scan that flagged nothing would not be patched by the product; to
+    still measure patching, the benchmark then uses the class with the highest anomaly index and
+    says so."""
     result = json.loads(result_path.read_text())
+    detector_name, detector = next(iter(result["detectors"].items()))
     if result["verdict"] == "infected":
-        return load_restored_triggers(result_path)[0], "flagged"
-    detector = result["detectors"]["tabor"]
-    top = int(np.argmax(detector["anomaly_index"]))
-    files = detector["artifacts"][str(top)]
-    trigger = PatchTrigger(target=top, mask=np.load(result_path.parent / files["mask_npy"]),
-                           pattern=np.load(result_path.parent / files["pattern_npy"]),
-                           source=f"tabor class {top} (not flagged: top index {detector['anomaly_index'][top]:.2f})")
-    return [trigger], "top suspect, not flagged"
+        triggers, how = load_restored_triggers(result_path)[0], "flagged"
+        missing = flagged_without_trigger(result, triggers)
+    else:
+        top = int(np.argmax(detector["anomaly_index"]))
+        how = f"top suspect, not flagged (index {detector['anomaly_index'][top]:.2f})"
+        files = detector.get("artifacts", {}).get(str(top), {})
+        triggers, missing = [], {top: [detector_name]}
+        if "mask_npy" in files:
+            triggers = [PatchTrigger(target=top, mask=np.load(result_path.parent / files["mask_npy"]),
+                                     pattern=np.load(result_path.parent / files["pattern_npy"]),
+                                     source=f"{detector_name} class {top} (not flagged)")]
+            missing = {}
+    if missing:
+        found, _ = restore_missing_triggers(module, finetune, missing, seed)
+        triggers += found
+        how += f", restored for the patch: {[t.target for t in found]} of {list(missing)}"
+    return triggers, how
 
 
 def true_triggers(entry: dict, channels: int) -> list[TrueTrigger]:
@@ -145,13 +164,15 @@ def asr_parts(module, evaluation: CleanData, truths: list[TrueTrigger]) -> dict[
 
 
 def patch_row(zoo: Path, entry: dict, data, finetune: CleanData, settings: UnlearnSettings,
-              references: dict[str, torch.nn.Module], out_dir: Path) -> dict:
-    """Restore (cached), patch, measure and export one trojaned zoo model."""
-    result_path = restore(zoo, entry)
-    triggers, how = patch_triggers(result_path)
+              references: dict[str, torch.nn.Module], out_dir: Path, detector: str = "tabor") -> dict:
+    """Scan (cached), patch, measure and export one trojaned zoo model."""
+    result_path = restore(zoo, entry, detector)
     truths = true_triggers(entry, data.image_shape[0])
     loaded = load_model(zoo / entry["files"]["onnx"]["path"], check_data=data.evaluation.x[:64])
     started = time.perf_counter()
+    triggers, how = patch_triggers(result_path, loaded.module, finetune, settings.seed)
+    if not triggers:  # nothing restorable: the product stops with an error; the row says so, unpatched
+        return {"model_id": entry["id"], "targets": entry["targets"], "patched_with": how, "error": "no trigger"}
     outcome = unlearn(loaded.module, finetune, triggers, settings, evaluation=data.evaluation, true_triggers=truths)
     seconds = time.perf_counter() - started
     written = export_patched(outcome.module, loaded.format, out_dir / f"{entry['id']}.onnx", data.image_shape,
@@ -188,7 +209,7 @@ _JOB: dict = {}  # what every patch of one run shares; set before the worker pro
 def _patch_job(entry: dict) -> dict:
     torch.set_num_threads(1)
     return patch_row(_JOB["zoo"], entry, _JOB["data"], _JOB["finetune"], _JOB["settings"], _JOB["references"],
-                     _JOB["out_dir"])
+                     _JOB["out_dir"], _JOB["detector"])
 
 
 def main() -> int:
@@ -196,6 +217,9 @@ def main() -> int:
     parser.add_argument("--zoo", type=Path, default=Path("zoo/fashion-mnist"))
     parser.add_argument("--models", default="", help="only these model ids")
     parser.add_argument("--restore-only", action="store_true", help="only run (and cache) the TABOR restorations")
+    parser.add_argument("--scan-with", choices=("tabor", "ni"), default="tabor",
+                        help="the detector whose flags are patched (ni: its flagged classes get their triggers "
+                             "restored at patch time, as unlearn_files does)")
     defaults = UnlearnSettings()
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--validation", type=float, default=defaults.validation,
@@ -226,7 +250,7 @@ def main() -> int:
     trojans = [e for e in manifest["models"] if e["trojaned"] and (not only or e["id"] in only)]
     if args.restore_only:
         for entry in trojans:
-            restore(args.zoo, entry)
+            restore(args.zoo, entry, args.scan_with)
         return 0
     settings = UnlearnSettings(epochs=args.epochs, share=args.share, noise_patches=args.noise_patches, lr=args.lr,
                                validation=args.validation, dilate=args.dilate,
@@ -239,16 +263,20 @@ def main() -> int:
         if not entry["trojaned"] and entry["arch"] not in references:
             references[entry["arch"]] = load_model(args.zoo / entry["files"]["onnx"]["path"]).module
     out_dir = args.out or args.zoo / "unlearned"
-    rows = []
+    rows, failed = [], []
     if args.jobs > 1:
         for entry in trojans:  # restorations first, one at a time: they share a cache folder
-            restore(args.zoo, entry)
-    _JOB.update(zoo=args.zoo, data=data, finetune=finetune, settings=settings, references=references, out_dir=out_dir)
+            restore(args.zoo, entry, args.scan_with)
+    _JOB.update(detector=args.scan_with, zoo=args.zoo, data=data, finetune=finetune, settings=settings, references=references, out_dir=out_dir)
     # fork: the workers inherit the loaded data and reference models instead of pickling them
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max(1, args.jobs), mp_context=context) as pool:
         results = pool.map(_patch_job, trojans) if args.jobs > 1 else map(_patch_job, trojans)
         for row in results:
+            if "error" in row:
+                failed.append(row)
+                print(f"{row['model_id']:28s} not patched: {row['error']} ({row['patched_with']})", flush=True)
+                continue
             rows.append(row)
             print(f"{row['model_id']:28s} CA {row['ca_before']:.4f} -> {row['ca_after']:.4f}  "
                   f"ASR {row['asr_before']:.4f} -> {row['asr_after']:.4f} (clean model {row['asr_clean_reference']:.4f}, "
@@ -293,9 +321,16 @@ def main() -> int:
               f"target); {summary['models_no_trigger_above_asr_target']}/{len(rows)} patched models are above the ASR "
               f"target on that alone. 'flipped by trigger': images the trigger sends to the target that go elsewhere "
               f"without it; worst {pct(summary['max_flipped_by_trigger_after'])}%.")
+    if args.scan_with != "tabor":
+        table += f"\n\nPatched from the flags of a `{args.scan_with}` scan (seed {RESTORE_SEED}); triggers: " + "; ".join(
+            f"{r['model_id']} {r['patched_with']}" for r in rows)
+    if failed:
+        table += "\n\nNot patched (no trigger restored): " + ", ".join(
+            f"{r['model_id']} ({r['patched_with']})" for r in failed)
     path = write_results(args.name, {"zoo": str(args.zoo), "settings": settings.model_dump(),
                                      "finetune_images": len(finetune), "evaluation_images": len(data.evaluation),
-                                     "rows": rows, "summary": summary}, table)
+                                     "scan_with": args.scan_with, "rows": rows, "not_patched": failed,
+                                     "summary": summary}, table)
     print(table)
     print(f"written: {path}")
     return 0
