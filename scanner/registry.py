@@ -308,13 +308,31 @@ class Registry:
         tagged = info.tags.get(CLEAN_DATA)
         if tagged:
             return self.fetch_uri(tagged, dest), tagged
-        if info.run_id and self.run_has_artifact(info.run_id, CLEAN_SAMPLES_ARTIFACT):
-            return (self.download_run_artifact(info.run_id, CLEAN_SAMPLES_ARTIFACT, dest),
-                    f"runs:/{info.run_id}/{CLEAN_SAMPLES_ARTIFACT}")
+        if info.run_id:
+            local = self._run_clean_samples(info.run_id, dest)
+            if local is not None:
+                return local, f"runs:/{info.run_id}/{CLEAN_SAMPLES_ARTIFACT}"
         if policy_clean_data:
             return self.fetch_uri(policy_clean_data, dest), policy_clean_data
         raise DataError(f"no clean data for {info.uri}: set tag {CLEAN_DATA}, log {CLEAN_SAMPLES_ARTIFACT} "
                         "in the source run, or name clean_data in the policy")
+
+    def _run_clean_samples(self, run_id: str, dest: Path) -> Path | None:
+        """The run's clean_samples.npz on disk, or None when it has none. Four requests: the run's
+        artifact location, its listing, and the file (whose download lists it once more);
+        `download_artifacts(run_id=...)` after `list_artifacts(run_id)` took seven, reading the
+        run three times and searching its logged models, on every scan."""
+        import mlflow.artifacts
+
+        root = self._call(f"reading run {run_id}", self.client.get_run, run_id).info.artifact_uri.rstrip("/")
+        listed = self._call(f"listing artifacts of run {run_id}", mlflow.artifacts.list_artifacts,
+                            artifact_uri=root, tracking_uri=self.tracking_uri)
+        # listed paths start with the location's last part on a server (artifacts/...): compare names
+        if not any(item.path.rsplit("/", 1)[-1] == CLEAN_SAMPLES_ARTIFACT and not item.is_dir for item in listed):
+            return None
+        return Path(self._call(f"downloading {CLEAN_SAMPLES_ARTIFACT} of run {run_id}", mlflow.artifacts.download_artifacts,
+                               artifact_uri=f"{root}/{CLEAN_SAMPLES_ARTIFACT}", dst_path=str(dest),
+                               tracking_uri=self.tracking_uri))
 
     def fetch_uri(self, uri: str, dest: Path) -> Path:
         """A `runs:/`, `models:/`, `file://` URI or a plain path of an npz, as a local file."""
