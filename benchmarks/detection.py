@@ -123,7 +123,17 @@ def detection_row(zoo: Path, entry: dict, detector: str, detection, device: str,
         "restoration_shared": detection.notes.get("restoration") == "shared with nc",
         "steps": detection.notes.get("steps"),
         "anomaly_index": [round(float(v), 3) for v in detection.anomaly_index],
+        # TABOR / NC++: the MAD of the eq. (5) metrics, to see where `metric_mad_floor` acts
+        "tabor_metric_mad": _mad(detection.statistics.get("tabor_metric")),
     }
+
+
+def _mad(values) -> float | None:
+    """median(|v - median(v)|) of a detector statistic, unscaled and unfloored; None without it."""
+    if values is None or len(values) == 0:
+        return None
+    values = np.asarray(values, dtype=np.float64)
+    return round(float(np.median(np.abs(values - np.median(values)))), 4)
 
 
 def detector_groups(detectors: list[str]) -> list[tuple[str, ...]]:
