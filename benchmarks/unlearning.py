@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.results_file import markdown_table, write_results  # noqa: E402
 from scanner import attacks  # noqa: E402
 from scanner.data import CleanData  # noqa: E402
-from scanner.model_io import load_model  # noqa: E402
+from scanner.model_io import LoadedModel, load_model  # noqa: E402
 from scanner.scan import ScanSettings, scan_model  # noqa: E402
 from scanner.unlearning import (  # noqa: E402
     PatchTrigger,
@@ -93,8 +93,7 @@ def restore(zoo: Path, entry: dict, detector: str = "tabor") -> Path:
     return result_path
 
 
-def patch_triggers(result_path: Path, module: torch.nn.Module, finetune: CleanData,
-                   seed: int) -> tuple[list[PatchTrigger], str]:
+def patch_triggers(result_path: Path, loaded: LoadedModel, finetune: CleanData, seed: int) -> tuple[list[PatchTrigger], str]:
     """The restored triggers the product would unlearn: those of the flagged classes, restored at
     patch time (on the fine-tune images, as `unlearn_files`) for classes the scan restored none for
     (a NeuronInspect flag). A scan that flagged nothing would not be patched by the product; to
@@ -116,7 +115,7 @@ def patch_triggers(result_path: Path, module: torch.nn.Module, finetune: CleanDa
                                      source=f"{detector_name} class {top} (not flagged)")]
             missing = {}
     if missing:
-        found, _ = restore_missing_triggers(module, finetune, missing, seed)
+        found, _ = restore_missing_triggers(loaded.module, finetune, loaded.num_classes, missing, seed)
         triggers += found
         how += f", restored for the patch: {[t.target for t in found]} of {list(missing)}"
     return triggers, how
@@ -170,7 +169,7 @@ def patch_row(zoo: Path, entry: dict, data, finetune: CleanData, settings: Unlea
     truths = true_triggers(entry, data.image_shape[0])
     loaded = load_model(zoo / entry["files"]["onnx"]["path"], check_data=data.evaluation.x[:64])
     started = time.perf_counter()
-    triggers, how = patch_triggers(result_path, loaded.module, finetune, settings.seed)
+    triggers, how = patch_triggers(result_path, loaded, finetune, settings.seed)
     if not triggers:  # nothing restorable: the product stops with an error; the row says so, unpatched
         return {"model_id": entry["id"], "targets": entry["targets"], "patched_with": how, "error": "no trigger"}
     outcome = unlearn(loaded.module, finetune, triggers, settings, evaluation=data.evaluation, true_triggers=truths)

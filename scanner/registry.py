@@ -296,10 +296,6 @@ class Registry:
         return Path(self._call(f"downloading {path} of run {run_id}", mlflow.artifacts.download_artifacts,
                                run_id=run_id, artifact_path=path, dst_path=str(dest), tracking_uri=self.tracking_uri))
 
-    def run_has_artifact(self, run_id: str, path: str) -> bool:
-        listed = self._call(f"listing artifacts of run {run_id}", self.client.list_artifacts, run_id)
-        return any(item.path == path for item in listed)
-
     def resolve_clean_data(self, info: VersionInfo, policy_clean_data: str | None, dest: str | Path) -> tuple[Path, str]:
         """Clean data for a version, first found wins (product.md): the version's
         `trojanscan.clean_data` tag, the source run's `clean_samples.npz`, the policy's entry.

@@ -366,7 +366,7 @@ def flagged_without_trigger(result: dict[str, Any], triggers: list[PatchTrigger]
     return dict(sorted(missing.items()))
 
 
-def restore_missing_triggers(module: nn.Module, data: CleanData, flagged_by: dict[int, list[str]],
+def restore_missing_triggers(module: nn.Module, data: CleanData, num_classes: int, flagged_by: dict[int, list[str]],
                              seed: int) -> tuple[list[PatchTrigger], dict[str, Any]]:
     """Restore a trigger for each flagged class that has none, so it can be unlearned too.
 
@@ -381,8 +381,6 @@ def restore_missing_triggers(module: nn.Module, data: CleanData, flagged_by: dic
     from scanner.detectors.tabor import Tabor
 
     tabor = Tabor(seed=seed, device="cpu")
-    with torch.no_grad():
-        num_classes = int(module(torch.from_numpy(data.x[:1])).shape[1])
     restored, _, notes = tabor.restore_classes(module, data, num_classes, list(flagged_by))
     found, report = [], {"detector": "tabor", "attack_success_required": MISSING_TRIGGER_ATTACK_SUCCESS,
                          "steps": notes.get("steps"), "classes": {}}
@@ -733,7 +731,8 @@ def unlearn_files(model_path: str | Path, data: str | Path | CleanData, result_p
     if missing:
         if progress is not None:
             progress(0.0, f"restoring a trigger for flagged class(es) {list(missing)}")
-        found, restored_here = restore_missing_triggers(loaded.module, clean, missing, (settings or UnlearnSettings()).seed)
+        found, restored_here = restore_missing_triggers(loaded.module, clean, num_classes, missing,
+                                                        (settings or UnlearnSettings()).seed)
         triggers += found
     if not triggers:
         raise DataError(f"scan result {result_path} flags {list(missing) or 'no class'} but no trigger restores "

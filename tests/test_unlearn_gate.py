@@ -195,7 +195,7 @@ def test_a_version_flagged_by_neuron_inspect_alone_is_patched_with_a_trigger_res
     registry.set_alias(name, "candidate", version)
     blocked = scan_version(registry, store["policy"], name, version, root / "work")
     assert (blocked.status, blocked.flagged_classes, blocked.unlearn) == ("infected", [7], True), blocked.reasons
-    assert not registry.run_has_artifact(blocked.scan_run_id, "triggers")
+    assert "triggers" not in {item.path for item in registry.client.list_artifacts(blocked.scan_run_id)}
     heard: list[tuple[float, str]] = []  # what the unlearn flow shows as its progress artifact
     patched = patch_version(registry, store["policy"], name, version, root / "work",
                             progress=lambda fraction, text: heard.append((fraction, text)))
