@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.results_file import RESULTS_DIR, markdown_table, write_results  # noqa: E402
+from scanner.anomaly import median_absolute_deviation  # noqa: E402
 from scanner.detectors import DETECTORS  # noqa: E402
 from scanner.metrics import correctness, mask_f1  # noqa: E402
 from scanner.scan import ScanSettings, scan_model  # noqa: E402
@@ -129,11 +130,11 @@ def detection_row(zoo: Path, entry: dict, detector: str, detection, device: str,
 
 
 def _mad(values) -> float | None:
-    """median(|v - median(v)|) of a detector statistic, unscaled and unfloored; None without it."""
+    """The unscaled, unfloored MAD of a detector statistic (as the anomaly index computes it);
+    None without it."""
     if values is None or len(values) == 0:
         return None
-    values = np.asarray(values, dtype=np.float64)
-    return round(float(np.median(np.abs(values - np.median(values)))), 4)
+    return round(median_absolute_deviation(values), 4)
 
 
 def detector_groups(detectors: list[str]) -> list[tuple[str, ...]]:

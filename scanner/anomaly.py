@@ -11,6 +11,13 @@ CONSISTENCY = 1.4826  # makes MAD a consistent estimator of the standard deviati
 Tail = Literal["low", "high"]
 
 
+def median_absolute_deviation(values: np.ndarray) -> float:
+    """median(|v - median(v)|), unscaled: the quantity `min_mad` floors (numpy's median, see
+    `mad_anomaly_index`)."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(np.median(np.abs(values - np.median(values))))
+
+
 def mad_anomaly_index(values: np.ndarray, tail: Tail, min_mad: float = 0.0) -> np.ndarray:
     """Anomaly index per class: |v - median| / (1.4826 * median(|v - median|)), kept only on the
     suspicious tail (`low`: values below the median, e.g. small trigger norms; `high`: above).
@@ -33,7 +40,7 @@ def mad_anomaly_index(values: np.ndarray, tail: Tail, min_mad: float = 0.0) -> n
         raise ValueError("MAD input contains NaN or inf")
     median = np.median(values)
     deviation = np.abs(values - median)
-    mad = CONSISTENCY * max(float(np.median(deviation)), min_mad)
+    mad = CONSISTENCY * max(median_absolute_deviation(values), min_mad)
     with np.errstate(divide="ignore", invalid="ignore"):
         index = np.where(deviation > 0, deviation / mad if mad > 0 else np.inf, 0.0)
     on_tail = values < median if tail == "low" else values > median
