@@ -1,7 +1,8 @@
 """Patching (unlearning) over the trojaned zoo models: CA and ASR before and after, true trigger.
 
     python benchmarks/unlearning.py [--zoo zoo/fashion-mnist] [--models ID,...] [--restore-only] [--scan-with tabor|ni]
-                                    [--epochs N --share S --lr LR --validation V --finetune-images N] [--jobs N] [--name unlearning]
+                                    [--epochs N --share S --lr LR --validation V --finetune-images N] [--patch-clean-reference]
+                                    [--jobs N] [--name unlearning]
 
 For every trojaned model of the zoo:
 
@@ -19,6 +20,11 @@ For every trojaned model of the zoo:
 3. Measuring: CA on the zoo's held-out evaluation split (test[:9000], never trained on by the
    zoo model nor by the fine-tune) and ASR of every TRUE trigger (ground truth from the
    manifest's attack spec) on the same split's non-target images, before and after.
+4. With `--patch-clean-reference`: the same patch (the same restored triggers, settings and
+   fine-tune images, every round) applied to the never-trojaned model of the same architecture,
+   and the true trigger's ASR on it after. What that leaves is the procedure's floor for that
+   trigger and target: the share of images a model with no backdoor at all still puts in the
+   target class once stamped, after the same fine-tune. Doubles the run time.
 
 The fine-tune set is a seeded class-balanced subset of the zoo's clean training images (the
 defender's clean training data in the TABOR paper's threat model; the poisoned copies the zoo
@@ -163,8 +169,10 @@ def asr_parts(module, evaluation: CleanData, truths: list[TrueTrigger]) -> dict[
 
 
 def patch_row(zoo: Path, entry: dict, data, finetune: CleanData, settings: UnlearnSettings,
-              references: dict[str, torch.nn.Module], out_dir: Path, detector: str = "tabor") -> dict:
-    """Scan (cached), patch, measure and export one trojaned zoo model."""
+              references: dict[str, torch.nn.Module], out_dir: Path, detector: str = "tabor",
+              patch_clean_reference: bool = False) -> dict:
+    """Scan (cached), patch, measure and export one trojaned zoo model (and, when asked, patch
+    the clean reference model the same way: step 4 of the module docstring)."""
     result_path = restore(zoo, entry, detector)
     truths = true_triggers(entry, data.image_shape[0])
     loaded = load_model(zoo / entry["files"]["onnx"]["path"], check_data=data.evaluation.x[:64])
@@ -179,7 +187,15 @@ def patch_row(zoo: Path, entry: dict, data, finetune: CleanData, settings: Unlea
     reference = measure(references[entry["arch"]], data.evaluation, outcome.triggers, truths)
     before, after = outcome.before, outcome.after
     parts_after = asr_parts(outcome.module, data.evaluation, truths)
-    return {
+    floor = {}
+    if patch_clean_reference:
+        clean = unlearn(references[entry["arch"]], finetune, triggers, settings, evaluation=data.evaluation,
+                        true_triggers=truths)
+        floor = {"asr_clean_reference_patched": clean.after.max_asr_true,
+                 "no_trigger_to_target_clean_reference_patched": asr_parts(clean.module, data.evaluation,
+                                                                           truths)["no_trigger"],
+                 "ca_clean_reference_patched": clean.after.clean_accuracy}
+    return floor | {
         "model_id": entry["id"], "arch": entry["arch"], "targets": entry["targets"],
         "flagged_classes": json.loads(result_path.read_text())["flagged_classes"], "patched_with": how,
         "triggers": [t.source for t in outcome.triggers],
@@ -208,7 +224,7 @@ _JOB: dict = {}  # what every patch of one run shares; set before the worker pro
 def _patch_job(entry: dict) -> dict:
     torch.set_num_threads(1)
     return patch_row(_JOB["zoo"], entry, _JOB["data"], _JOB["finetune"], _JOB["settings"], _JOB["references"],
-                     _JOB["out_dir"], _JOB["detector"])
+                     _JOB["out_dir"], _JOB["detector"], _JOB["patch_clean_reference"])
 
 
 def main() -> int:
@@ -237,6 +253,12 @@ def main() -> int:
                         help="clean training images fine-tuned on (the defender's clean data; 20000 of the 60000)")
     parser.add_argument("--out", type=Path, default=None, help="patched ONNX files (default: <zoo>/unlearned)")
     parser.add_argument("--name", default="unlearning", help="results file name")
+    parser.add_argument("--patch-clean-reference", action="store_true",
+                        help="also patch each architecture's never-trojaned model with the same triggers and report "
+                             "the true trigger's ASR on it (the procedure's floor; doubles the run time)")
+    parser.add_argument("--clean-reference", default="",
+                        help="never-trojaned model ids to compare with, one per architecture (default: the zoo's "
+                             "first clean model of each architecture)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="models patched at once, each in its own process with one thread (2 on 2 cores)")
     args = parser.parse_args()
@@ -257,16 +279,25 @@ def main() -> int:
                                reround_attack_success=tuple(float(v) for v in args.reround_asr.split(",")))
     data = load_zoo_data(manifest["dataset"], manifest["size"])
     finetune = finetune_set(data.train, args.finetune_images, args.seed)
-    references = {}
-    for entry in manifest["models"]:  # a clean model per architecture: the natural "ASR" floor
-        if not entry["trojaned"] and entry["arch"] not in references:
-            references[entry["arch"]] = load_model(args.zoo / entry["files"]["onnx"]["path"]).module
+    chosen = set(filter(None, args.clean_reference.split(",")))
+    clean = [e for e in manifest["models"] if not e["trojaned"]]
+    unknown = chosen - {e["id"] for e in clean}
+    if unknown:
+        print(f"--clean-reference: not clean models of the zoo: {sorted(unknown)}", file=sys.stderr)
+        return 2
+    reference_entries: dict[str, dict] = {}  # a clean model per architecture: the natural "ASR" floor
+    for entry in sorted(clean, key=lambda e: e["id"] not in chosen):  # the chosen ones first (a stable sort)
+        reference_entries.setdefault(entry["arch"], entry)
+    reference_ids = {arch: entry["id"] for arch, entry in reference_entries.items()}
+    references = {arch: load_model(args.zoo / entry["files"]["onnx"]["path"]).module
+                  for arch, entry in reference_entries.items()}
     out_dir = args.out or args.zoo / "unlearned"
     rows, failed = [], []
     if args.jobs > 1:
         for entry in trojans:  # restorations first, one at a time: they share a cache folder
             restore(args.zoo, entry, args.scan_with)
-    _JOB.update(detector=args.scan_with, zoo=args.zoo, data=data, finetune=finetune, settings=settings, references=references, out_dir=out_dir)
+    _JOB.update(detector=args.scan_with, zoo=args.zoo, data=data, finetune=finetune, settings=settings, references=references, out_dir=out_dir,
+                patch_clean_reference=args.patch_clean_reference)
     # fork: the workers inherit the loaded data and reference models instead of pickling them
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max(1, args.jobs), mp_context=context) as pool:
@@ -320,6 +351,15 @@ def main() -> int:
               f"target); {summary['models_no_trigger_above_asr_target']}/{len(rows)} patched models are above the ASR "
               f"target on that alone. 'flipped by trigger': images the trigger sends to the target that go elsewhere "
               f"without it; worst {pct(summary['max_flipped_by_trigger_after'])}%.")
+    table += f"\n\nClean reference model per architecture: {reference_ids}."
+    if args.patch_clean_reference:
+        table += ("\n\nThe same patch applied to the never-trojaned model of each architecture (its triggers, settings, "
+                  "fine-tune images and rounds), true-trigger ASR after, % (no trigger -> target; CA after): " + "; ".join(
+                      f"{r['model_id']} {pct(r['asr_clean_reference_patched'])} "
+                      f"({pct(r['no_trigger_to_target_clean_reference_patched'])}; {pct(r['ca_clean_reference_patched'])})"
+                      for r in rows)
+                  + f". Models whose patched ASR is at or under this floor: "
+                  f"{sum(r['asr_after'] <= r['asr_clean_reference_patched'] for r in rows)}/{len(rows)}.")
     if args.scan_with != "tabor":
         table += f"\n\nPatched from the flags of a `{args.scan_with}` scan (seed {RESTORE_SEED}); triggers: " + "; ".join(
             f"{r['model_id']} {r['patched_with']}" for r in rows)
@@ -328,7 +368,7 @@ def main() -> int:
             f"{r['model_id']} ({r['patched_with']})" for r in failed)
     path = write_results(args.name, {"zoo": str(args.zoo), "settings": settings.model_dump(),
                                      "finetune_images": len(finetune), "evaluation_images": len(data.evaluation),
-                                     "scan_with": args.scan_with, "rows": rows, "not_patched": failed,
+                                     "scan_with": args.scan_with, "clean_references": reference_ids, "rows": rows, "not_patched": failed,
                                      "summary": summary}, table)
     print(table)
     print(f"written: {path}")
