@@ -277,13 +277,15 @@ def main() -> int:
                                validation=args.validation, dilate=args.dilate,
                                seed=args.seed, rounds=args.rounds,
                                reround_attack_success=tuple(float(v) for v in args.reround_asr.split(",")))
-    data = load_zoo_data(manifest["dataset"], manifest["size"])
-    finetune = finetune_set(data.train, args.finetune_images, args.seed)
     chosen = set(filter(None, args.clean_reference.split(",")))
     clean = [e for e in manifest["models"] if not e["trojaned"]]
     unknown = chosen - {e["id"] for e in clean}
     if unknown:
         print(f"--clean-reference: not clean models of the zoo: {sorted(unknown)}", file=sys.stderr)
+        return 2
+    chosen_archs = [e["arch"] for e in clean if e["id"] in chosen]
+    if len(chosen_archs) != len(set(chosen_archs)):
+        print("--clean-reference: give at most one model per architecture", file=sys.stderr)
         return 2
     reference_entries: dict[str, dict] = {}  # a clean model per architecture: the natural "ASR" floor
     for entry in sorted(clean, key=lambda e: e["id"] not in chosen):  # the chosen ones first (a stable sort)
@@ -291,6 +293,8 @@ def main() -> int:
     reference_ids = {arch: entry["id"] for arch, entry in reference_entries.items()}
     references = {arch: load_model(args.zoo / entry["files"]["onnx"]["path"]).module
                   for arch, entry in reference_entries.items()}
+    data = load_zoo_data(manifest["dataset"], manifest["size"])
+    finetune = finetune_set(data.train, args.finetune_images, args.seed)
     out_dir = args.out or args.zoo / "unlearned"
     rows, failed = [], []
     if args.jobs > 1:
