@@ -16,7 +16,8 @@ twice its time in a slow spell. Writes benchmarks/results/speed.json and .md.
     python benchmarks/speed.py --device cuda [--results-dir DIR]
 
 runs the same measurements on a GPU and writes speed_cuda.json/.md instead (peak GPU memory per
-detector beside peak RSS); the issue's GPU target is sequential_over_batched >= 3.
+detector beside peak RSS); the issue's GPU target is sequential_over_batched >= 3. On either device
+`--name` writes the full run to a file of its own (another host's figures beside the committed ones).
 
     python benchmarks/speed.py --cascade-only --threads 1 [--catches fm-square3-br,fm-clean-cnn-s1,...]
     python benchmarks/speed.py --cascade-only --zoo zoo/signs --model sg-square3-br --name cascade_signs
@@ -205,8 +206,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure every detector this many times, interleaved; ratios are the median over rounds")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--name", default="speed", help="with --cascade-only: another name writes a result file of "
-                                                        "its own instead of merging into speed.json")
+    parser.add_argument("--name", default="speed", help="another name writes a result file of its own: with "
+                        "--cascade-only instead of merging into speed.json; for a full run instead of replacing "
+                        "speed.json (e.g. another host's figures beside the committed ones)")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, not {args.rounds}")
@@ -299,17 +301,18 @@ def main() -> int:
              f"{nc['raw_best_images_per_second_before']:.0f} before the scan and " \
              f"{nc['raw_best_images_per_second_after']:.0f} after it; scan_over_raw_after_only: the ratio to the " \
              f"second alone, as this file reported it before).\n\n## Cascade (`--mode fast`)\n\n" + cascade_table(rows)
-    write_results("speed" if not gpu else f"speed_{device}", {"model_id": args.model, "device": device,
-                            "threads": args.threads, "ratios": ratios,
-                            "seconds": {k: r["seconds"] for k, r in reports.items()} | {"nc_sequential": sequential["seconds"],
-                                                                                       "default_scan_ni_tabor": default_scan,
-                                                                                       "cascade": cascade["seconds"]},
-                            "peak_memory_mb": {k: r["peak_rss_mb"] for k, r in reports.items()} | {"cascade": cascade["peak_rss_mb"]},
-                            "peak_gpu_memory_mb": ({k: r["peak_gpu_mb"] for k, r in labelled} if gpu else None),
-                            "cascade": cascade_figures(args.threads, rows),
-                            "rounds": len(rounds), "ratios_by_round": per_round,
-                            "details": reports | {"nc_sequential": sequential, "cascade": cascade}}, table,
-                  results_dir=args.results_dir)
+    figures = {
+        "model_id": args.model, "device": device, "threads": args.threads, "ratios": ratios,
+        "seconds": {k: r["seconds"] for k, r in reports.items()}
+        | {"nc_sequential": sequential["seconds"], "default_scan_ni_tabor": default_scan, "cascade": cascade["seconds"]},
+        "peak_memory_mb": {k: r["peak_rss_mb"] for k, r in reports.items()} | {"cascade": cascade["peak_rss_mb"]},
+        "peak_gpu_memory_mb": ({k: r["peak_gpu_mb"] for k, r in labelled} if gpu else None),
+        "cascade": cascade_figures(args.threads, rows),
+        "rounds": len(rounds), "ratios_by_round": per_round,
+        "details": reports | {"nc_sequential": sequential, "cascade": cascade},
+    }
+    name = args.name if args.name != "speed" else ("speed" if not gpu else f"speed_{device}")
+    write_results(name, figures, table, results_dir=args.results_dir)
     print(table)
     return 0
 
