@@ -53,8 +53,7 @@ def main() -> int:
     parser.add_argument("--name", default="ni_oracle")
     args = parser.parse_args()
     manifest = json.loads((args.zoo / "manifest.json").read_text())
-    samples = np.load(args.zoo / "clean_samples.npz")
-    clean = CleanData(samples["x"], samples["y"])
+    clean = CleanData.load_npz(args.zoo / "clean_samples.npz")
     rows = []
     for entry in manifest["models"]:
         if not entry["trojaned"]:
